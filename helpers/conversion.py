@@ -1,0 +1,668 @@
+"""Convert a Florence-2 checkpoint (transformers' native layout) to OpenVINO IR.
+
+Florence-2 is an encoder-decoder model. Running it means: encode the image once, encode the prompt once, then call
+the decoder once per generated token. So the conversion writes one IR per part, each called at its own rhythm:
+
+==================  =========================================  ===========================================
+part (file)          inputs -> outputs                          called
+==================  =========================================  ===========================================
+vision_encoder       pixel_values -> image_features             once per image
+encoder              inputs_embeds, attention_mask -> hidden    once per prompt
+decoder (stateful)   input_ids, encoder_hidden_states,          once per token; self-attention K/V and the
+                     encoder_attention_mask, beam_idx -> logits  cross-attention K/V live in model state
+==================  =========================================  ===========================================
+
+The token-embedding table is tied to the decoder's output projection, so it is stored once, inside
+``decoder.bin``; :class:`helpers.ov_model.OVFlorence2Model` builds the small "token embeddings" model from that
+same weight when it loads.
+
+The conversion is atomic: everything is written to a temporary folder beside ``output_dir`` and renamed at the end,
+with a ``manifest.json`` (source, weight format, versions, file sizes and hashes). A folder without a matching,
+intact manifest is never taken as converted.
+
+Taught in ``notebooks/02_convert.ipynb``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MANIFEST_NAME = "manifest.json"
+#: Bump when the IR layout changes; folders written with another layout version are reconverted.
+LAYOUT_VERSION = 1
+WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
+IR_PARTS = ("vision_encoder", "encoder", "decoder")
+#: Names of the decoder's OpenVINO state variables (``past_self.{layer}.key`` …) start with these.
+SELF_STATE_PREFIX = "past_self"
+CROSS_STATE_PREFIX = "past_cross"
+
+
+class ConversionError(RuntimeError):
+    """A conversion could not start or finish; the message says what to do."""
+
+
+class IncompleteConversionError(ConversionError):
+    """An existing output folder is not a complete, intact conversion."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Progress
+
+
+@contextlib.contextmanager
+def _step(description: str, verbose: bool) -> Iterator[None]:
+    """Print which part is being worked on and how long it took."""
+    start = time.perf_counter()
+    if verbose:
+        print(f"⌛ {description} …", flush=True)
+    yield
+    if verbose:
+        print(f"✅ {description} done in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading the PyTorch model
+
+
+def _is_local(model_id_or_path: str | Path) -> bool:
+    return Path(model_id_or_path).expanduser().exists()
+
+
+def check_model_folder(folder: Path) -> None:
+    """Refuse folders that are not a native-layout Florence-2, before any long work starts."""
+    if not folder.is_dir():
+        raise ConversionError(f"{folder} is not a folder. Pass a Florence-2 folder or a hub id.")
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise ConversionError(
+            f"{folder} has no config.json, so it is not a transformers model folder. "
+            "Pass a folder written by `save_pretrained`, or a hub id such as florence-community/Florence-2-base-ft."
+        )
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") != "florence2":
+        raise ConversionError(
+            f"{folder} holds a '{config.get('model_type')}' model, not Florence-2 (model_type 'florence2'). "
+            "Use a florence-community/Florence-2-* checkpoint."
+        )
+    if "auto_map" in config or any(folder.glob("*.py")):
+        # Remote-code layout (microsoft/Florence-2-*): we never execute code shipped with a model.
+        raise ConversionError(
+            f"{folder} is a remote-code Florence-2 (it ships Python code / an auto_map). This collection never runs "
+            "code from a model folder. Use the native checkpoints florence-community/Florence-2-* instead."
+        )
+    if not any(folder.glob("*.safetensors")):
+        raise ConversionError(
+            f"{folder} has no .safetensors weights. Only safetensors are loaded (pickle files can run code)."
+        )
+
+
+def _hub_error(model_id: str, error: Exception) -> ConversionError:
+    return ConversionError(
+        f"Could not download '{model_id}' from the Hugging Face hub ({type(error).__name__}: {error}). "
+        "If this machine is offline, download the checkpoint elsewhere (`hf download "
+        f"{model_id} --local-dir Florence-2`), copy the folder here and pass its path instead of the hub id; "
+        "or use `helpers.make_tiny_florence2(folder)` for an offline test model."
+    )
+
+
+def resolve_source(model_id_or_path: str | Path) -> Path:
+    """Return a local folder for a hub id (downloading it with a progress bar) or a local path."""
+    if _is_local(model_id_or_path):
+        folder = Path(model_id_or_path).expanduser().resolve()
+        check_model_folder(folder)
+        return folder
+    model_id = str(model_id_or_path)
+    if model_id.count("/") != 1:
+        raise ConversionError(
+            f"'{model_id}' is neither an existing folder nor a hub id of the form owner/name "
+            "(e.g. florence-community/Florence-2-base-ft)."
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(
+            snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+        )
+    except Exception as error:  # offline, unknown repo, network: all answered the same way
+        raise _hub_error(model_id, error) from error
+    check_model_folder(folder)
+    return folder
+
+
+def load_torch_model(folder: Path):
+    """Load the PyTorch model in float32, eager mode, never executing remote code."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(
+        folder, dtype="float32", use_safetensors=True, trust_remote_code=False
+    )
+    return model.eval()
+
+
+def image_size_of(processor) -> tuple[int, int]:
+    """The (height, width) the processor resizes to: the only reliable source of the model's image size."""
+    size = processor.image_processor.size
+    if "height" in size and "width" in size:
+        return int(size["height"]), int(size["width"])
+    edge = int(size.get("shortest_edge", 768))
+    return edge, edge
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The three parts as traceable PyTorch modules
+
+
+def _torch_wrappers():
+    """Build the wrapper classes lazily so importing this module does not import torch."""
+    import torch
+    from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
+
+    class TraceableLayer(DynamicLayer):
+        """A cache layer that starts from the first tensor it receives instead of concatenating it to an empty 1-D
+        tensor (which OpenVINO's converter cannot do)."""
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.dtype, self.device = key_states.dtype, key_states.device
+                self.keys, self.values, self.is_initialized = key_states, value_states, True
+                return self.keys, self.values
+            return super().update(key_states, value_states, *args, **kwargs)
+
+    def traceable_cache(num_layers: int) -> DynamicCache:
+        cache = DynamicCache()
+        cache.layers = [TraceableLayer() for _ in range(num_layers)]
+        return cache
+
+    class VisionEncoder(torch.nn.Module):
+        """pixel_values -> image features projected to the text width (DaViT + projector)."""
+
+        def __init__(self, model) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            return self.model.get_image_features(pixel_values).pooler_output
+
+    class TextEncoder(torch.nn.Module):
+        """Prompt embeddings (image features already scattered in) -> encoder hidden states."""
+
+        def __init__(self, model) -> None:
+            super().__init__()
+            self.encoder = model.model.language_model.encoder
+
+        def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+
+    class DecoderStep(torch.nn.Module):
+        """One decoder step with an explicit cache: past self-attention K/V in, logits + present K/V out.
+
+        Cross-attention K/V are returned as outputs too; the OpenVINO graph surgery below turns them into state
+        computed once per request."""
+
+        def __init__(self, model) -> None:
+            super().__init__()
+            self.decoder = model.model.language_model.decoder
+            self.lm_head = model.lm_head
+            self.num_layers = len(self.decoder.layers)
+
+        def forward(self, input_ids, encoder_hidden_states, encoder_attention_mask, *past_self):
+            self_cache = traceable_cache(self.num_layers)
+            for layer in range(self.num_layers):
+                self_cache.update(past_self[2 * layer], past_self[2 * layer + 1], layer)
+            cache = EncoderDecoderCache(self_cache, traceable_cache(self.num_layers))
+            hidden = self.decoder(
+                input_ids=input_ids,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask,
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state
+            outputs = [self.lm_head(hidden)]
+            for layer in range(self.num_layers):
+                outputs += [cache.self_attention_cache.layers[layer].keys, cache.self_attention_cache.layers[layer].values]
+            for layer in range(self.num_layers):
+                outputs += [cache.cross_attention_cache.layers[layer].keys, cache.cross_attention_cache.layers[layer].values]
+            return tuple(outputs)
+
+    return VisionEncoder, TextEncoder, DecoderStep
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Conversion of each part
+
+
+def _convert(module, example_input: dict[str, Any], input_shapes: list) -> Any:
+    import openvino as ov
+    import torch
+
+    with torch.no_grad(), _quiet_tracer():
+        return ov.convert_model(module, example_input=example_input, input=input_shapes)
+
+
+@contextlib.contextmanager
+def _quiet_tracer() -> Iterator[None]:
+    """Tracer warnings come from Python-side shape checks that the traced graph does not need."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
+def convert_vision_encoder(model, image_size: tuple[int, int]):
+    import openvino as ov
+    import torch
+
+    VisionEncoder, _, _ = _torch_wrappers()
+    height, width = image_size
+    example = {"pixel_values": torch.randn(1, 3, height, width)}
+    ov_model = _convert(VisionEncoder(model), example, [ov.PartialShape([-1, 3, height, width])])
+    _name_io(ov_model, ["pixel_values"], ["image_features"])
+    return ov_model
+
+
+def convert_text_encoder(model):
+    import openvino as ov
+    import torch
+
+    _, TextEncoder, _ = _torch_wrappers()
+    width = model.config.text_config.d_model
+    example = {"inputs_embeds": torch.randn(2, 9, width), "attention_mask": torch.ones(2, 9, dtype=torch.long)}
+    ov_model = _convert(
+        TextEncoder(model), example, [ov.PartialShape([-1, -1, width]), ov.PartialShape([-1, -1])]
+    )
+    _name_io(ov_model, ["inputs_embeds", "attention_mask"], ["last_hidden_state"])
+    return ov_model
+
+
+def convert_decoder(model):
+    """Trace one decoder step, then make its caches OpenVINO state (see :func:`make_decoder_stateful`)."""
+    import openvino as ov
+    import torch
+
+    _, _, DecoderStep = _torch_wrappers()
+    text = model.config.text_config
+    layers, heads = text.decoder_layers, text.decoder_attention_heads
+    head_dim = text.d_model // heads
+    batch, past, source = 2, 3, 7
+    past_self = [torch.randn(batch, heads, past, head_dim) for _ in range(2 * layers)]
+    example = (
+        torch.randint(4, 100, (batch, 1)),
+        torch.randn(batch, source, text.d_model),
+        torch.ones(batch, source, dtype=torch.long),
+        *past_self,
+    )
+    shapes = [
+        ov.PartialShape([-1, -1]),
+        ov.PartialShape([-1, -1, text.d_model]),
+        ov.PartialShape([-1, -1]),
+        # Fixing heads and head_dim here keeps the state's initial shape [batch, heads, 0, head_dim] well defined.
+        *[ov.PartialShape([-1, heads, -1, head_dim])] * (2 * layers),
+    ]
+    import openvino as ov  # noqa: F811 (local import keeps module import light)
+
+    with torch.no_grad(), _quiet_tracer():
+        ov_model = ov.convert_model(DecoderStep(model), example_input=example, input=shapes)
+    past_names = [f"{SELF_STATE_PREFIX}.{layer}.{kind}" for layer in range(layers) for kind in ("key", "value")]
+    present_names = [name.replace(SELF_STATE_PREFIX, "present_self") for name in past_names]
+    cross_names = [f"{CROSS_STATE_PREFIX}.{layer}.{kind}" for layer in range(layers) for kind in ("key", "value")]
+    _name_io(
+        ov_model,
+        ["input_ids", "encoder_hidden_states", "encoder_attention_mask", *past_names],
+        ["logits", *present_names, *cross_names],
+    )
+    make_decoder_stateful(ov_model, past_names, present_names, cross_names)
+    return ov_model
+
+
+def _name_io(ov_model, input_names: list[str], output_names: list[str]) -> None:
+    for port, name in zip(ov_model.inputs, input_names, strict=True):
+        port.get_tensor().set_names({name})
+    for port, name in zip(ov_model.outputs, output_names, strict=True):
+        port.get_tensor().set_names({name})
+
+
+def make_decoder_stateful(ov_model, past_names: list[str], present_names: list[str], cross_names: list[str]) -> None:
+    """Move the decoder's caches into OpenVINO state, so no K/V tensor crosses into Python during generation.
+
+    * Self-attention: each ``past`` input becomes a ``ReadValue`` whose initial value is an empty
+      ``[batch, heads, 0, head_dim]`` tensor (batch taken from ``input_ids``), followed by a ``Gather`` on a new
+      ``beam_idx`` input, so beam search reorders the cache inside OpenVINO; each ``present`` output becomes an
+      ``Assign``.
+    * Cross-attention: K/V depend only on the encoder output. Each becomes a ``ReadValue`` initialised from the
+      projection of ``encoder_hidden_states``; the CPU plugin evaluates that initialiser only when the state is
+      reset (first step of a request), later steps read the stored value.
+    """
+    import openvino as ov
+    from openvino import opset13 as ops
+    from openvino.op.util import Variable, VariableInfo
+
+    inputs = {name: port for port in ov_model.inputs for name in port.get_names()}
+    outputs = {name: port for port in ov_model.outputs for name in port.get_names()}
+    input_ids = inputs["input_ids"]
+    beam_idx = ops.parameter(ov.PartialShape([-1]), ov.Type.i32, name="beam_idx")
+    beam_idx.output(0).get_tensor().set_names({"beam_idx"})
+    batch = ops.gather(ops.shape_of(input_ids, output_type="i64"), ops.constant([0], ov.Type.i64), ops.constant(0))
+
+    sinks = []
+    results_to_remove = []
+    params_to_remove = []
+
+    def variable(name: str, port) -> Variable:
+        info = VariableInfo()
+        info.data_shape = ov.PartialShape.dynamic(port.get_partial_shape().rank)
+        info.data_type = port.get_element_type()
+        info.variable_id = name
+        return Variable(info)
+
+    for past_name, present_name in zip(past_names, present_names, strict=True):
+        parameter = inputs[past_name].get_node()
+        shape = parameter.get_output_partial_shape(0)
+        heads, head_dim = shape[1].get_length(), shape[3].get_length()
+        empty = ops.broadcast(
+            ops.constant(0.0, parameter.get_element_type()),
+            ops.concat([batch, ops.constant([heads, 0, head_dim], ov.Type.i64)], axis=0),
+        )
+        var = variable(past_name, parameter.output(0))
+        read = ops.read_value(empty, var)
+        reordered = ops.gather(read, beam_idx, ops.constant(0))
+        for consumer in list(parameter.output(0).get_target_inputs()):
+            consumer.replace_source_output(reordered.output(0))
+        params_to_remove.append(parameter)
+        present = outputs[present_name]
+        assign = ops.assign(read, var)  # argument replaced just below: assign() rejects an Output built elsewhere
+        assign.set_argument(0, present.get_node().input_value(0))
+        sinks.append(assign)
+        results_to_remove.append(present.get_node())
+
+    for cross_name in cross_names:
+        result = outputs[cross_name].get_node()
+        producer = result.input_value(0)
+        var = variable(cross_name, producer)
+        read = ops.read_value(producer, var)
+        for consumer in list(producer.get_target_inputs()):
+            if consumer.get_node() not in (read.node if hasattr(read, "node") else read, result):
+                consumer.replace_source_output(read.output(0))
+        assign = ops.assign(read, var)
+        sinks.append(assign)
+        results_to_remove.append(result)
+
+    for result in results_to_remove:
+        ov_model.remove_result(result)
+    for parameter in params_to_remove:
+        ov_model.remove_parameter(parameter)
+    ov_model.add_parameters([beam_idx])
+    ov_model.add_sinks(sinks)
+    ov_model.validate_nodes_and_infer_types()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Weight compression
+
+
+def compress(ov_model, part: str, weight_format: str, verbose: bool):
+    """Apply ``weight_format`` to one part. fp32/fp16 are handled when saving; int8/int4 use NNCF."""
+    if weight_format in ("fp32", "fp16"):
+        return ov_model
+    import nncf
+
+    if weight_format == "int8" or part == "vision_encoder":
+        # The vision encoder is convolution-heavy and small; INT4 there costs accuracy for little size.
+        return nncf.compress_weights(ov_model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    group_size = _int4_group_size(ov_model)
+    return nncf.compress_weights(
+        ov_model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=group_size, ratio=1.0
+    )
+
+
+def _int4_group_size(ov_model, preferred: int = 128) -> int:
+    """INT4 groups must divide every compressed matrix's input width (tiny models have narrow layers)."""
+    widths = []
+    for op in ov_model.get_ordered_ops():
+        if op.get_type_name() == "MatMul":
+            shape = op.input_value(1).get_partial_shape()
+            if shape.is_static and len(shape) == 2:
+                widths.extend(int(d.get_length()) for d in shape)
+    group = preferred
+    while group > 8 and any(w % group for w in widths):
+        group //= 2
+    return group
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Manifest: what was built, and proof that it is intact
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import openvino
+    import torch
+    import transformers
+
+    versions = {"openvino": openvino.get_version(), "transformers": transformers.__version__, "torch": torch.__version__}
+    with contextlib.suppress(ImportError):
+        import nncf
+
+        versions["nncf"] = nncf.__version__
+    return versions
+
+
+def write_manifest(folder: Path, source: str, weight_format: str) -> dict:
+    files = {
+        path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        for path in sorted(folder.iterdir())
+        if path.is_file() and path.name != MANIFEST_NAME
+    }
+    manifest = {
+        "layout_version": LAYOUT_VERSION,
+        "source": source,
+        "weight_format": weight_format,
+        "versions": _versions(),
+        "files": files,
+    }
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def read_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / MANIFEST_NAME
+    if not path.exists():
+        raise IncompleteConversionError(
+            f"{folder} has no {MANIFEST_NAME}: it is not a finished conversion (it may have been interrupted). "
+            "Convert again with `convert_florence2(model, folder, overwrite=True)`."
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise IncompleteConversionError(f"{path} is corrupt ({error}). Convert again with overwrite=True.") from error
+
+
+def verify_conversion(folder: str | Path, *, check_hashes: bool = True) -> dict:
+    """Check that ``folder`` is a complete conversion in this layout version; return its manifest.
+
+    Sizes are always compared; hashes too unless ``check_hashes=False`` (hashing a large model takes seconds).
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    fix = "Convert again with `convert_florence2(model, folder, overwrite=True)`."
+    if manifest.get("layout_version") != LAYOUT_VERSION:
+        raise IncompleteConversionError(
+            f"{folder} was converted with IR layout version {manifest.get('layout_version')}, this code reads "
+            f"version {LAYOUT_VERSION}. {fix}"
+        )
+    for name, expected in manifest["files"].items():
+        path = folder / name
+        if not path.exists():
+            raise IncompleteConversionError(f"{path} is missing. {fix}")
+        if path.stat().st_size != expected["bytes"]:
+            raise IncompleteConversionError(
+                f"{path} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}: it is truncated "
+                f"or was changed. {fix}"
+            )
+        if check_hashes and _sha256(path) != expected["sha256"]:
+            raise IncompleteConversionError(f"{path} does not match its recorded hash (corrupt file). {fix}")
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public entry point
+
+
+def _check_writable(output_dir: Path, need_bytes: int) -> None:
+    """Fail before the long work where the outcome is already known: read-only or full disk."""
+    parent = output_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConversionError(f"Cannot create {parent} ({error}). Choose an output folder you can write to.") from error
+    if not os.access(parent, os.W_OK):
+        raise ConversionError(f"{parent} is not writable. Choose an output folder you can write to.")
+    free = shutil.disk_usage(parent).free
+    if free < need_bytes:
+        raise ConversionError(
+            f"Only {free / 1e9:.2f} GB free at {parent}, the conversion needs about {need_bytes / 1e9:.2f} GB. "
+            "Free some space or choose another output folder."
+        )
+
+
+def _estimate_bytes(folder: Path, weight_format: str) -> int:
+    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    factor = {"fp32": 1.0, "fp16": 0.5, "int8": 0.3, "int4": 0.2}[weight_format]
+    # the IR is written to a temporary folder first; a margin covers the processor files and NNCF's scratch.
+    return int(weights * factor * 1.2) + 10_000_000
+
+
+def is_converted(output_dir: str | Path, source: str | None = None, weight_format: str | None = None) -> bool:
+    """True when ``output_dir`` holds a complete conversion (matching ``source``/``weight_format`` if given)."""
+    try:
+        manifest = verify_conversion(output_dir, check_hashes=False)
+    except IncompleteConversionError:
+        return False
+    if weight_format is not None and manifest["weight_format"] != weight_format:
+        return False
+    return source is None or manifest["source"] == source
+
+
+def convert_florence2(
+    model_id_or_path: str | Path,
+    output_dir: str | Path,
+    weight_format: str = "fp16",
+    *,
+    overwrite: bool = False,
+    verbose: bool = True,
+) -> Path:
+    """Convert a Florence-2 checkpoint to OpenVINO IR in ``output_dir`` and return that folder.
+
+    ``model_id_or_path`` is a hub id (``florence-community/Florence-2-base-ft``, …) or a local folder in
+    transformers' native layout. ``weight_format`` is one of ``fp32``, ``fp16``, ``int8``, ``int4``.
+    A complete conversion of the same source and format is reused unless ``overwrite``; a folder that holds
+    something else is never silently replaced or used.
+
+    Read the source with ``??convert_florence2`` in a notebook; taught in ``notebooks/02_convert.ipynb``.
+    """
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_format must be one of {', '.join(WEIGHT_FORMATS)}; got {weight_format!r}.")
+    output_dir = Path(output_dir).expanduser().resolve()
+    source = str(model_id_or_path)
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        if is_converted(output_dir, source, weight_format):
+            if verbose:
+                print(f"✅ {output_dir} already holds {source} as {weight_format}; reusing it.")
+            return output_dir
+        raise IncompleteConversionError(
+            f"{output_dir} is not empty and does not hold a complete {weight_format} conversion of {source}. "
+            "Pass overwrite=True to replace it, or choose another folder."
+        )
+
+    folder = resolve_source(model_id_or_path)
+    _check_writable(output_dir, _estimate_bytes(folder, weight_format))
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    try:
+        _convert_into(folder, staging, weight_format, verbose)
+        write_manifest(staging, source, weight_format)
+        _replace_folder(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if verbose:
+        print(f"✅ {source} converted to {output_dir} ({weight_format})")
+    return output_dir
+
+
+def _replace_folder(staging: Path, output_dir: Path) -> None:
+    """Rename the finished folder into place; an old output is moved aside first and deleted last."""
+    if output_dir.exists():
+        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+        output_dir.rename(old)
+        staging.rename(output_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(output_dir)
+
+
+def _convert_into(folder: Path, staging: Path, weight_format: str, verbose: bool) -> None:
+    import openvino as ov
+    from transformers import AutoProcessor, GenerationConfig
+
+    with _step(f"Loading {folder.name} (PyTorch)", verbose):
+        processor = AutoProcessor.from_pretrained(folder)
+        model = load_torch_model(folder)
+    image_size = image_size_of(processor)
+    builders = {
+        "vision_encoder": lambda: convert_vision_encoder(model, image_size),
+        "encoder": lambda: convert_text_encoder(model),
+        "decoder": lambda: convert_decoder(model),
+    }
+    for part, build in builders.items():
+        with _step(f"Converting {part}", verbose):
+            ov_model = compress(build(), part, weight_format, verbose)
+            ov.save_model(ov_model, staging / f"{part}.xml", compress_to_fp16=weight_format != "fp32")
+            del ov_model
+            gc.collect()
+    with _step("Saving processor, config and generation config", verbose):
+        processor.save_pretrained(staging)
+        model.config.save_pretrained(staging)
+        try:
+            generation_config = GenerationConfig.from_pretrained(folder)
+        except OSError:
+            generation_config = model.generation_config
+        generation_config.save_pretrained(staging)
+
+
+def ir_size_bytes(folder: str | Path) -> int:
+    """Bytes of the IR weights and graphs in a converted folder (what the weight format changes)."""
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.suffix in (".bin", ".xml"))
+
+
+__all__ = [
+    "ConversionError",
+    "IncompleteConversionError",
+    "WEIGHT_FORMATS",
+    "convert_florence2",
+    "is_converted",
+    "verify_conversion",
+    "read_manifest",
+    "ir_size_bytes",
+    "image_size_of",
+]

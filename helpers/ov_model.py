@@ -1,0 +1,367 @@
+"""Run a converted Florence-2 with OpenVINO, through transformers' own ``generate``.
+
+:class:`OVFlorence2Model` holds the compiled OpenVINO parts written by :func:`helpers.conversion.convert_florence2`
+and plugs them into transformers' ``GenerationMixin``: greedy search, beam search, sampling, logits processors
+and stopping criteria stay transformers' code, so OpenVINO output is the same as PyTorch's token for token (at f32
+precision). Only three things are ours:
+
+* ``_maybe_prepare_encoder_kwargs_for_generation`` runs image encoder → token embeddings → text encoder once;
+* ``forward`` runs one decoder step, whose K/V caches live in OpenVINO state;
+* :class:`OVDecoderState` is handed to transformers as "the cache"; beam search reorders it through
+  ``reorder_cache(beam_idx)``, which the decoder applies inside OpenVINO on the next step.
+
+Taught in ``notebooks/02_convert.ipynb`` (how it works) and ``notebooks/03_select_device.ipynb`` (devices).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+import torch
+from transformers import AutoConfig, GenerationConfig, GenerationMixin
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+
+from helpers.conversion import IncompleteConversionError, verify_conversion
+
+#: Settings that make OpenVINO reproduce PyTorch float32 exactly (this CPU otherwise runs bf16 and a u8 KV cache).
+EXACT_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
+
+
+class OVDecoderState:
+    """Stands in for transformers' cache object. The real K/V tensors stay inside the OpenVINO request; this
+    object only tracks the sequence length and the beam order to apply on the next decoder step."""
+
+    def __init__(self, owner: "OVFlorence2Model", batch_size: int) -> None:
+        self.owner = owner
+        self.seq_length = 0
+        self.beam_idx = np.arange(batch_size, dtype=np.int32)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seq_length
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        # Composed with any order not yet applied: the decoder gathers the state rows once, on its next step.
+        self.beam_idx = self.beam_idx[beam_idx.cpu().numpy()].astype(np.int32)
+
+
+class ImageFeatureCache:
+    """A small LRU cache of image features keyed by the pixel values' bytes: asking a second task about the same
+    image skips the vision encoder (its largest cost). ``max_items=0`` turns it off."""
+
+    def __init__(self, max_items: int) -> None:
+        self.max_items = max_items
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(pixel_values: np.ndarray) -> str:
+        return hashlib.blake2b(np.ascontiguousarray(pixel_values).tobytes(), digest_size=16).hexdigest()
+
+    def get(self, key: str) -> np.ndarray | None:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        return None
+
+    def put(self, key: str, features: np.ndarray) -> None:
+        if self.max_items <= 0:
+            return
+        with self._lock:
+            self._items[key] = features
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def available_devices(core: ov.Core | None = None) -> list[str]:
+    """OpenVINO devices on this machine, plus the virtual ``AUTO``."""
+    return [*(core or ov.Core()).available_devices, "AUTO"]
+
+
+def _check_device(core: ov.Core, device: str) -> None:
+    physical = device.split(":", 1)[-1] if device.startswith(("AUTO", "MULTI", "HETERO")) else device
+    wanted = [d for d in physical.split(",") if d and d not in ("AUTO", "MULTI", "HETERO")]
+    known = core.available_devices
+    missing = [d for d in wanted if d not in known and d.split(".")[0] not in known]
+    if missing:
+        raise ValueError(
+            f"Device {', '.join(missing)} is not available here. Available: {', '.join(available_devices(core))}."
+        )
+
+
+class OVFlorence2Model(GenerationMixin):
+    """A converted Florence-2 on an OpenVINO device, with transformers' ``generate``.
+
+    >>> model = OVFlorence2Model("models/Florence-2-base-ft/fp16", device="CPU")
+    >>> inputs = processor(text="<OD>", images=image, return_tensors="pt")
+    >>> ids = model.generate(**inputs, max_new_tokens=100)
+
+    ``ov_config`` is passed to ``compile_model`` (e.g. :data:`EXACT_CONFIG` for bit-exact parity, or
+    ``{"PERFORMANCE_HINT": "LATENCY"}``). ``image_cache_size`` bounds the image-feature cache (0 disables it).
+    ``cache_dir`` stores compiled models so that the next load is faster (``None`` disables it).
+
+    One instance runs one ``generate`` at a time: calls from several threads are serialised by a lock (they are
+    correct, not parallel). Use one instance per thread for parallel work.
+
+    Taught in ``notebooks/02_convert.ipynb``.
+    """
+
+    main_input_name = "input_ids"
+    base_model_prefix = "model"
+    _is_stateful = True
+    _supports_cache_class = False
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str = "CPU",
+        ov_config: dict[str, Any] | None = None,
+        *,
+        image_cache_size: int = 16,
+        cache_dir: str | Path | None = "auto",
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self._check_folder()
+        self.config = AutoConfig.from_pretrained(self.model_dir)
+        self.generation_config = GenerationConfig.from_pretrained(self.model_dir)
+        self.device_name = device
+        self.ov_config = dict(ov_config or {})
+        self.core = ov.Core()
+        _check_device(self.core, device)
+        self._set_compile_cache(cache_dir)
+        self.image_cache = ImageFeatureCache(image_cache_size)
+        self._lock = threading.RLock()
+        self._compile_all()
+
+    # ---- loading ------------------------------------------------------------------------------------------------
+
+    def _check_folder(self) -> None:
+        if not self.model_dir.is_dir():
+            raise FileNotFoundError(
+                f"{self.model_dir} does not exist. Convert a model first: "
+                "`convert_florence2('florence-community/Florence-2-base-ft', folder)`."
+            )
+        if not any(self.model_dir.iterdir()):
+            raise IncompleteConversionError(f"{self.model_dir} is empty. Convert a model into it first.")
+        if (self.model_dir / "model.safetensors").exists() and not (self.model_dir / "decoder.xml").exists():
+            raise IncompleteConversionError(
+                f"{self.model_dir} holds a PyTorch checkpoint, not an OpenVINO conversion. "
+                f"Convert it first: `convert_florence2('{self.model_dir}', output_folder)`."
+            )
+        self.manifest = verify_conversion(self.model_dir, check_hashes=False)
+
+    def _set_compile_cache(self, cache_dir: str | Path | None) -> None:
+        if cache_dir == "auto":
+            cache_dir = self.model_dir / "compiled_cache"
+        if cache_dir is None:
+            return
+        try:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return  # a read-only model folder still loads, just without the compiled-model cache
+        self.core.set_property({"CACHE_DIR": str(cache_dir)})
+
+    def _compile(self, model: ov.Model | str | Path) -> ov.CompiledModel:
+        return self.core.compile_model(model, self.device_name, self.ov_config)
+
+    def _compile_all(self) -> None:
+        self.ov_vision_encoder = self._compile(self.model_dir / "vision_encoder.xml")
+        self.ov_text_encoder = self._compile(self.model_dir / "encoder.xml")
+        decoder_model = self.core.read_model(self.model_dir / "decoder.xml")
+        self.ov_token_embeddings = self._compile(self._token_embedding_model(decoder_model))
+        self.ov_decoder = self._compile(decoder_model)
+        self.decoder_request = self.ov_decoder.create_infer_request()
+
+    def _token_embedding_model(self, decoder_model: ov.Model) -> ov.Model:
+        """The token-embedding table is stored once, in the decoder (tied to its output projection). Build the
+        small ``input_ids -> inputs_embeds`` model from that same weight subgraph."""
+        from openvino import opset13 as ops
+
+        text = self.config.text_config
+        table = None
+        for op in decoder_model.get_ordered_ops():
+            if op.get_type_name() != "Gather":
+                continue
+            shape = op.input_value(0).get_partial_shape()
+            if shape.is_static and [d.get_length() for d in shape] == [text.vocab_size, text.d_model]:
+                table = op.input_value(0)
+                break
+        if table is None:
+            raise IncompleteConversionError(
+                f"No token-embedding table found in {self.model_dir / 'decoder.xml'}: the folder was not written by "
+                "this collection's converter. Convert again with `convert_florence2(..., overwrite=True)`."
+            )
+        input_ids = ops.parameter(ov.PartialShape([-1, -1]), ov.Type.i64, name="input_ids")
+        embeddings = ops.gather(table, input_ids, ops.constant(0))
+        scale = math.sqrt(text.d_model) if getattr(text, "scale_embedding", False) else 1.0
+        if scale != 1.0:
+            embeddings = ops.multiply(embeddings, ops.constant(np.float32(scale)))
+        return ov.Model([embeddings], [input_ids], "token_embeddings")
+
+    # ---- the parts, one call each ----------------------------------------------------------------------------
+
+    def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Run the vision encoder + projector, one image at a time through the feature cache."""
+        rows = []
+        for image in np.asarray(pixel_values, dtype=np.float32):
+            key = ImageFeatureCache.key(image)
+            features = self.image_cache.get(key)
+            if features is None:
+                features = self.ov_vision_encoder(image[None])[0][0].copy()
+                self.image_cache.put(key, features)
+            rows.append(features)
+        return np.stack(rows)
+
+    def embed_tokens(self, input_ids: np.ndarray) -> np.ndarray:
+        return self.ov_token_embeddings(np.asarray(input_ids, dtype=np.int64))[0]
+
+    def encode(
+        self, input_ids: np.ndarray, pixel_values: np.ndarray | None, attention_mask: np.ndarray | None
+    ) -> np.ndarray:
+        """Prompt and image -> encoder hidden states (what the decoder attends to)."""
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        embeds = self.embed_tokens(input_ids).copy()
+        if pixel_values is not None:
+            image_mask = input_ids == self.config.image_token_id
+            features = self.image_features(pixel_values)
+            if image_mask.sum() != features.shape[0] * features.shape[1]:
+                raise ValueError(
+                    f"The prompt has {int(image_mask.sum())} <image> tokens but the images give "
+                    f"{features.shape[0] * features.shape[1]} features. Build inputs with this model's processor "
+                    "(AutoProcessor.from_pretrained(model_dir))."
+                )
+            embeds[image_mask] = features.reshape(-1, features.shape[-1])
+        if attention_mask is None:
+            attention_mask = np.ones(input_ids.shape, dtype=np.int64)
+        return self.ov_text_encoder([embeds, np.asarray(attention_mask, dtype=np.int64)])[0].copy()
+
+    # ---- what transformers' GenerationMixin needs ------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the cache lives in OpenVINO state; transformers must not build a torch one
+
+    def is_remote_code(self) -> bool:
+        return False
+
+    def get_experts_implementation(self) -> None:
+        return None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Seq2SeqLMOutput:
+        return self.forward(*args, **kwargs)
+
+    def generate(self, input_ids=None, pixel_values=None, attention_mask=None, **generate_kwargs) -> torch.Tensor:
+        """transformers' ``generate`` on OpenVINO: pass the processor's outputs and any generation arguments
+        (``max_new_tokens``, ``num_beams``, ``do_sample``, ``no_repeat_ngram_size``, ``early_stopping`` …).
+        Defaults come from the model's saved generation config. Returns token ids for ``processor.batch_decode``."""
+        if input_ids is None:
+            raise ValueError("generate() needs input_ids: pass the processor's output, e.g. model.generate(**inputs).")
+        with self._lock:
+            return super().generate(
+                input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **generate_kwargs
+            )
+
+    def _maybe_prepare_encoder_kwargs_for_generation(
+        self, inputs_tensor: torch.Tensor, model_kwargs: dict, model_input_name: str | None, generation_config
+    ) -> dict:
+        if model_kwargs.get("encoder_outputs") is not None:
+            return model_kwargs
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        attention_mask = model_kwargs.get("attention_mask")
+        hidden = self.encode(
+            inputs_tensor.cpu().numpy(),
+            None if pixel_values is None else pixel_values.float().cpu().numpy(),
+            None if attention_mask is None else attention_mask.cpu().numpy(),
+        )
+        model_kwargs["encoder_outputs"] = BaseModelOutput(last_hidden_state=torch.from_numpy(hidden))
+        return model_kwargs
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: OVDecoderState | None = None,
+        attention_mask: torch.Tensor | None = None,
+        encoder_outputs: BaseModelOutput | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        # The state already holds every earlier token: only the newest one is fed after the first step.
+        decoder_input_ids = input_ids if past_key_values is None else input_ids[:, past_key_values.seq_length :]
+        return {
+            "decoder_input_ids": decoder_input_ids,
+            "past_key_values": past_key_values,
+            "attention_mask": attention_mask,
+            "encoder_outputs": encoder_outputs,
+        }
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        encoder_outputs: BaseModelOutput | None = None,
+        past_key_values: OVDecoderState | None = None,
+        **kwargs: Any,
+    ) -> Seq2SeqLMOutput:
+        """One decoder step. ``past_key_values=None`` starts a new sequence (resets the OpenVINO state)."""
+        if encoder_outputs is None:
+            if input_ids is None:
+                raise ValueError("forward() needs input_ids (and pixel_values) or encoder_outputs.")
+            encoder_outputs = BaseModelOutput(
+                last_hidden_state=torch.from_numpy(
+                    self.encode(
+                        input_ids.numpy(),
+                        None if pixel_values is None else pixel_values.float().numpy(),
+                        None if attention_mask is None else attention_mask.numpy(),
+                    )
+                )
+            )
+        hidden = encoder_outputs.last_hidden_state
+        if decoder_input_ids is None:
+            decoder_input_ids = torch.full((hidden.shape[0], 1), self.config.text_config.decoder_start_token_id)
+        if past_key_values is None:
+            self.decoder_request.reset_state()
+            past_key_values = OVDecoderState(self, decoder_input_ids.shape[0])
+        elif past_key_values.owner is not self:
+            raise ValueError("This cache belongs to another OVFlorence2Model; start a new generate() call.")
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long)
+        self.decoder_request.infer(
+            {
+                "input_ids": decoder_input_ids.numpy().astype(np.int64),
+                "encoder_hidden_states": hidden.numpy(),
+                "encoder_attention_mask": attention_mask.numpy().astype(np.int64),
+                "beam_idx": past_key_values.beam_idx,
+            }
+        )
+        logits = self.decoder_request.get_tensor("logits").data.copy()
+        past_key_values.seq_length += decoder_input_ids.shape[1]
+        past_key_values.beam_idx = np.arange(decoder_input_ids.shape[0], dtype=np.int32)
+        return Seq2SeqLMOutput(logits=torch.from_numpy(logits), past_key_values=past_key_values)

@@ -35,3 +35,30 @@ def tiny_torch_model(tiny_model_dir: Path):
     from transformers import AutoModelForImageTextToText
 
     return AutoModelForImageTextToText.from_pretrained(tiny_model_dir).eval()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give every notebook kernel (nbval, nbclient) an offline model before any kernel starts.
+
+    Kernels inherit this process's environment. Unless you chose a model with ``FLORENCE2_MODEL``, the tiny
+    random-weight model is built once into ``build/test-models/tiny-florence2`` and reused by later runs; converted
+    models go to ``build/test-models/converted``; the device is the CPU.
+    """
+    test_models = Path(__file__).resolve().parent.parent / "build" / "test-models"
+    if not os.environ.get("FLORENCE2_MODEL"):
+        tiny_dir = test_models / "tiny-florence2"
+        if not (tiny_dir / "model.safetensors").exists():  # a finished folder: skip importing torch here
+            from helpers.tiny import make_tiny_florence2
+
+            test_models.mkdir(parents=True, exist_ok=True)
+            with open(test_models / ".build.lock", "w") as lock:  # parallel workers build it only once
+                try:
+                    import fcntl
+
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                except ImportError:  # Windows: no lock; make_tiny_florence2 still never leaves a half-built folder
+                    pass
+                make_tiny_florence2(tiny_dir)
+        os.environ["FLORENCE2_MODEL"] = str(tiny_dir)
+    os.environ.setdefault("FLORENCE2_MODELS_DIR", str(test_models / "converted"))
+    os.environ.setdefault("FLORENCE2_DEVICE", "CPU")

@@ -1,0 +1,188 @@
+"""Run every lesson of the collection headless, in order, and keep the executed copies.
+
+This is what ``make run`` does:
+
+1. choose the model the notebooks use (``FLORENCE2_MODEL``):
+   - the value of ``FLORENCE2_MODEL`` if you set it (a hub id or a local folder);
+   - else ``florence-community/Florence-2-base-ft`` if the Hugging Face hub answers;
+   - else (hub unreachable, or ``HF_HUB_OFFLINE=1``) a tiny random-weight model built offline in
+     ``models/tiny-florence2`` — the notebooks then run end to end, but their answers are noise;
+2. execute ``notebooks/NN_*.ipynb`` one after the other in fresh kernels started in ``notebooks/``;
+3. write each executed notebook to ``output/`` as ``.ipynb`` and ``.html``.
+
+It stops at the first notebook that fails, names the notebook and the cell, and exits non-zero. The executed copy
+of the failing notebook is still written, so the traceback can be read in ``output/``.
+
+Environment passed to the kernels: ``FLORENCE2_MODEL``, ``FLORENCE2_DEVICE`` (default ``AUTO``) and
+``FLORENCE2_MODELS_DIR`` (default ``<repo>/models``, where converted models are cached between runs).
+
+Usage: ``python scripts/run_collection.py [NAME ...] [--timeout SECONDS]``; each NAME selects the notebooks whose
+file name starts with it (``04`` or ``04_captioning``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS_DIR = REPO / "notebooks"
+OUTPUT_DIR = REPO / "output"
+DEFAULT_MODEL = "florence-community/Florence-2-base-ft"
+HUB_URL = "https://huggingface.co"
+NOTEBOOK_NAME = re.compile(r"^\d\d_.+\.ipynb$")
+
+
+def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
+    """Whether the Hugging Face hub answers a HEAD request within ``timeout`` seconds, and why not if it does not."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return False, "HF_HUB_OFFLINE is set"
+    try:
+        request = urllib.request.Request(HUB_URL, method="HEAD")
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            if response.status < 400:
+                return True, f"HTTP {response.status}"
+            return False, f"{HUB_URL} answered HTTP {response.status}"
+    except urllib.error.HTTPError as error:
+        return False, f"{HUB_URL} answered HTTP {error.code}"
+    except Exception as error:  # DNS failure, refused connection, timeout, proxy trouble, TLS error...
+        return False, f"no answer from {HUB_URL} within {timeout:g} s ({type(error).__name__}: {error})"
+
+
+def choose_model() -> str:
+    """The model the notebooks will use; builds the offline tiny model if the hub cannot be reached."""
+    chosen = os.environ.get("FLORENCE2_MODEL", "").strip()
+    if chosen:
+        print(f"Model: {chosen} (from FLORENCE2_MODEL)")
+        return chosen
+    reachable, reason = hub_reachable()
+    if reachable:
+        print(f"Model: {DEFAULT_MODEL} (the Hugging Face hub is reachable)")
+        return DEFAULT_MODEL
+    tiny_dir = REPO / "models" / "tiny-florence2"
+    print("=" * 100)
+    print(f"The Hugging Face hub is UNREACHABLE: {reason}.")
+    print(f"Using the offline TINY model with random weights instead: {tiny_dir}")
+    print("The notebooks run end to end, but every caption, box and mask they show is noise.")
+    print("For real answers, run where the hub is reachable, or set FLORENCE2_MODEL to a downloaded model folder.")
+    print("=" * 100)
+    os.environ["HF_HUB_OFFLINE"] = "1"  # the kernels must not wait on the network either
+    from helpers.tiny import make_tiny_florence2  # imports torch and transformers: only when needed
+
+    return str(make_tiny_florence2(tiny_dir))
+
+
+def find_notebooks(selectors: list[str]) -> list[Path]:
+    notebooks = sorted(p for p in NOTEBOOKS_DIR.glob("*.ipynb") if NOTEBOOK_NAME.match(p.name))
+    if selectors:
+        unknown = [s for s in selectors if not any(p.name.startswith(s) for p in notebooks)]
+        if unknown:
+            names = ", ".join(p.name for p in notebooks) or "none"
+            raise SystemExit(f"error: no notebook starts with {', '.join(unknown)} (notebooks: {names})")
+        notebooks = [p for p in notebooks if any(p.name.startswith(s) for s in selectors)]
+    return notebooks
+
+
+def write_outputs(notebook, name: str) -> tuple[Path, Path]:
+    """Write the executed notebook and its HTML rendering to output/."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    OUTPUT_DIR.mkdir(exist_ok=True)
+    ipynb_path = OUTPUT_DIR / name
+    nbformat.write(notebook, ipynb_path)
+    html, _ = HTMLExporter().from_notebook_node(notebook)
+    html_path = ipynb_path.with_suffix(".html")
+    html_path.write_text(html, encoding="utf-8")
+    return ipynb_path, html_path
+
+
+def describe_failure(notebook, cell_index: int | None, error: BaseException) -> str:
+    """Where a notebook failed: cell number (1-based, counting every cell), its first source line, the error."""
+    lines = []
+    if cell_index is not None:
+        cell = notebook.cells[cell_index]
+        code_number = sum(1 for c in notebook.cells[: cell_index + 1] if c.cell_type == "code")
+        first_line = next((line for line in cell.source.splitlines() if line.strip()), "")
+        lines.append(f"  cell {cell_index + 1} of {len(notebook.cells)} (code cell #{code_number}): {first_line[:90]}")
+    ename = getattr(error, "ename", type(error).__name__)
+    evalue = getattr(error, "evalue", str(error))
+    lines.append(f"  error: {ename}: {evalue}".rstrip())
+    return "\n".join(lines)
+
+
+def run_notebook(path: Path, timeout: int) -> tuple[object, int | None, BaseException | None]:
+    """Execute one notebook in a fresh kernel started in notebooks/. Returns (notebook, failing cell, error)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(path, as_version=4)
+    current = {"index": None}
+
+    def on_cell_start(cell, cell_index):
+        current["index"] = cell_index
+
+    client = NotebookClient(
+        notebook,
+        timeout=timeout,
+        kernel_name="python3",  # runs on this script's own interpreter (the project's venv)
+        resources={"metadata": {"path": str(path.parent)}},
+        on_cell_start=on_cell_start,
+    )
+    try:
+        client.execute()
+    except Exception as error:  # CellExecutionError, CellTimeoutError, DeadKernelError...
+        return notebook, current["index"], error
+    return notebook, None, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="run only notebooks whose file name starts with one of these")
+    parser.add_argument("--timeout", type=int, default=int(os.environ.get("FLORENCE2_CELL_TIMEOUT", "3600")),
+                        help="seconds one cell may take (default 3600, or FLORENCE2_CELL_TIMEOUT)")
+    args = parser.parse_args(argv)
+
+    notebooks = find_notebooks(args.names)
+    if not notebooks:
+        print(f"error: no lessons to run: {NOTEBOOKS_DIR} has no NN_*.ipynb notebooks.", file=sys.stderr)
+        return 1
+
+    os.environ["FLORENCE2_MODEL"] = choose_model()
+    os.environ.setdefault("FLORENCE2_DEVICE", "AUTO")
+    os.environ.setdefault("FLORENCE2_MODELS_DIR", str(REPO / "models"))
+    os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # quiets a debugger warning at kernel start
+    print(f"Device: {os.environ['FLORENCE2_DEVICE']}; converted models cached in {os.environ['FLORENCE2_MODELS_DIR']}")
+    print(f"Running {len(notebooks)} notebook(s); executed copies go to {OUTPUT_DIR}/\n")
+
+    started = time.perf_counter()
+    for number, path in enumerate(notebooks, 1):
+        print(f"[{number}/{len(notebooks)}] {path.name} ...", flush=True)
+        t0 = time.perf_counter()
+        notebook, cell_index, error = run_notebook(path, args.timeout)
+        seconds = time.perf_counter() - t0
+        ipynb_path, html_path = write_outputs(notebook, path.name)
+        if error is not None:
+            print(f"[{number}/{len(notebooks)}] {path.name} FAILED after {seconds:.1f} s", flush=True)
+            print(f"\nFAILED: notebooks/{path.name}", file=sys.stderr)
+            print(describe_failure(notebook, cell_index, error), file=sys.stderr)
+            where = f"{ipynb_path.relative_to(REPO)} and {html_path.relative_to(REPO)}"
+            print(f"  full traceback: {where}", file=sys.stderr)
+            skipped = notebooks[number:]
+            if skipped:
+                print(f"  not run: {', '.join(p.name for p in skipped)}", file=sys.stderr)
+            return 1
+        print(f"[{number}/{len(notebooks)}] {path.name} ok in {seconds:.1f} s", flush=True)
+
+    print(f"\nAll {len(notebooks)} notebook(s) ran in {time.perf_counter() - started:.1f} s; see {OUTPUT_DIR}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

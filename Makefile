@@ -41,6 +41,7 @@ help:
 venv: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
+	@echo "$(PYTHON) -m venv $(VENV)"
 	@if ! $(PYTHON) -m venv $(VENV); then \
 	  rm -rf $(VENV); \
 	  echo "error: '$(PYTHON) -m venv' failed. Install Python's venv module (Debian/Ubuntu: apt-get install python3-venv)," >&2; \

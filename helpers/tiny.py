@@ -250,7 +250,7 @@ def make_tiny_florence2(
     large_style: bool = False,
     architecture: TinyArchitecture | None = None,
     weight_std: float = 0.2,
-    eos_pull: float = 0.6,
+    eos_pull: float = 0.8,
     overwrite: bool = False,
 ) -> Path:
     """Build and save a tiny random-weight Florence-2 in transformers' native layout. Returns ``output_dir``.

@@ -1,0 +1,154 @@
+"""OpenVINO output must equal transformers' PyTorch generate token for token (f32 precision, same weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from helpers.conversion import convert_florence2
+from helpers.ov_model import EXACT_CONFIG, OVFlorence2Model
+from helpers.tiny import make_tiny_florence2
+
+#: Every Florence-2 task with a text input where it needs one (regions as <loc_…> bins).
+PROMPTS = {
+    "<CAPTION>": "<CAPTION>",
+    "<DETAILED_CAPTION>": "<DETAILED_CAPTION>",
+    "<MORE_DETAILED_CAPTION>": "<MORE_DETAILED_CAPTION>",
+    "<OD>": "<OD>",
+    "<DENSE_REGION_CAPTION>": "<DENSE_REGION_CAPTION>",
+    "<REGION_PROPOSAL>": "<REGION_PROPOSAL>",
+    "<OCR>": "<OCR>",
+    "<OCR_WITH_REGION>": "<OCR_WITH_REGION>",
+    "<CAPTION_TO_PHRASE_GROUNDING>": "<CAPTION_TO_PHRASE_GROUNDING>A red car next to a green tree",
+    "<REFERRING_EXPRESSION_SEGMENTATION>": "<REFERRING_EXPRESSION_SEGMENTATION>the red car",
+    "<REGION_TO_SEGMENTATION>": "<REGION_TO_SEGMENTATION><loc_100><loc_150><loc_600><loc_700>",
+    "<OPEN_VOCABULARY_DETECTION>": "<OPEN_VOCABULARY_DETECTION>a bicycle",
+    "<REGION_TO_CATEGORY>": "<REGION_TO_CATEGORY><loc_52><loc_332><loc_932><loc_774>",
+    "<REGION_TO_DESCRIPTION>": "<REGION_TO_DESCRIPTION><loc_0><loc_0><loc_500><loc_999>",
+    "<REGION_TO_OCR>": "<REGION_TO_OCR><loc_300><loc_300><loc_700><loc_600>",
+}
+MAX_NEW_TOKENS = 32
+
+
+def noise_image(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="session")
+def tiny_ov_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return convert_florence2(tiny_model_dir, tmp_path_factory.mktemp("ov") / "tiny-fp32", "fp32", verbose=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_ov_model(tiny_ov_dir: Path) -> OVFlorence2Model:
+    return OVFlorence2Model(tiny_ov_dir, "CPU", EXACT_CONFIG)
+
+
+def assert_same_tokens(torch_ids: torch.Tensor, ov_ids: torch.Tensor, what: str) -> None:
+    assert torch_ids.shape == ov_ids.shape, f"{what}: shapes differ {tuple(torch_ids.shape)} vs {tuple(ov_ids.shape)}"
+    mismatch = (torch_ids != ov_ids).nonzero()
+    assert mismatch.numel() == 0, f"{what}: first mismatch at {mismatch[0].tolist()}"
+
+
+@pytest.mark.parametrize("num_beams", [1, 3], ids=["greedy", "beam3"])
+@pytest.mark.parametrize("task", list(PROMPTS))
+def test_every_task_matches_pytorch(task, num_beams, tiny_processor, tiny_torch_model, tiny_ov_model):
+    image = noise_image(160, 120, seed=len(task))
+    inputs = tiny_processor(text=PROMPTS[task], images=image, return_tensors="pt")
+    kwargs = {"max_new_tokens": MAX_NEW_TOKENS, "num_beams": num_beams}
+    with torch.no_grad():
+        expected = tiny_torch_model.generate(**inputs, **kwargs)
+    assert_same_tokens(expected, tiny_ov_model.generate(**inputs, **kwargs), f"{task} beams={num_beams}")
+
+
+def test_tiny_model_answers_depend_on_image_and_prompt(tiny_processor, tiny_torch_model):
+    """Guards the parity tests against a blind model that says the same thing whatever it sees."""
+    answers = set()
+    for seed, prompt in [(0, "<OD>"), (1, "<OD>"), (0, "<CAPTION>")]:
+        inputs = tiny_processor(text=prompt, images=noise_image(96, 96, seed), return_tensors="pt")
+        answers.add(tuple(tiny_torch_model.generate(**inputs, max_new_tokens=16, num_beams=1)[0].tolist()))
+    assert len(answers) == 3
+
+
+def test_some_answers_end_before_the_limit(tiny_processor, tiny_torch_model, tiny_ov_model):
+    """Finished beams and early stopping are only exercised when some answers emit </s>."""
+    lengths = []
+    for task in ["<OD>", "<CAPTION>", "<OCR>", "<REGION_PROPOSAL>"]:
+        for seed in range(3):
+            inputs = tiny_processor(text=task, images=noise_image(64, 64, seed), return_tensors="pt")
+            ids = tiny_ov_model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, num_beams=3)
+            with torch.no_grad():
+                assert_same_tokens(tiny_torch_model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, num_beams=3), ids, task)
+            lengths.append(ids.shape[1])
+    assert min(lengths) < MAX_NEW_TOKENS + 1, "no answer ended early: EOS handling is untested"
+
+
+@pytest.mark.parametrize("num_beams", [1, 3], ids=["greedy", "beam3"])
+def test_batch_of_two_sizes_matches_pytorch_and_single_runs(num_beams, tiny_processor, tiny_torch_model, tiny_ov_model):
+    images = [noise_image(160, 120, 1), noise_image(90, 300, 2)]
+    prompts = ["<OD>", PROMPTS["<CAPTION_TO_PHRASE_GROUNDING>"]]  # different lengths: padded prompts
+    inputs = tiny_processor(text=prompts, images=images, return_tensors="pt", padding=True)
+    kwargs = {"max_new_tokens": MAX_NEW_TOKENS, "num_beams": num_beams}
+    ov_batch = tiny_ov_model.generate(**inputs, **kwargs)
+    with torch.no_grad():
+        assert_same_tokens(tiny_torch_model.generate(**inputs, **kwargs), ov_batch, "batch")
+    for row, (image, prompt) in enumerate(zip(images, prompts)):
+        single = tiny_ov_model.generate(**tiny_processor(text=prompt, images=image, return_tensors="pt"), **kwargs)[0]
+        batched = ov_batch[row][: single.shape[0]]
+        assert torch.equal(single, batched), f"row {row} differs from its single-image run"
+        assert (ov_batch[row][single.shape[0] :] == tiny_processor.tokenizer.pad_token_id).all()
+
+
+def test_sampling_matches_pytorch_with_the_same_seed(tiny_processor, tiny_torch_model, tiny_ov_model):
+    inputs = tiny_processor(text="<CAPTION>", images=noise_image(128, 128, 5), return_tensors="pt")
+    kwargs = {"max_new_tokens": 20, "do_sample": True, "num_beams": 1, "top_k": 50}
+    torch.manual_seed(7)
+    expected = tiny_torch_model.generate(**inputs, **kwargs)
+    torch.manual_seed(7)
+    assert_same_tokens(expected, tiny_ov_model.generate(**inputs, **kwargs), "sampling")
+
+
+def test_generation_arguments_are_honoured(tiny_processor, tiny_ov_model):
+    inputs = tiny_processor(text="<OD>", images=noise_image(64, 64, 3), return_tensors="pt")
+    ids = tiny_ov_model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, num_beams=1)
+    assert ids.shape[1] <= 1 + 5 + 1  # decoder start + 5 new (+ forced BOS counted among them)
+    longer = tiny_ov_model.generate(**inputs, max_new_tokens=12, min_new_tokens=12, num_beams=1)
+    assert longer.shape[1] == 13
+
+
+def test_second_task_on_same_image_reuses_image_features(tiny_processor, tiny_ov_dir):
+    model = OVFlorence2Model(tiny_ov_dir, "CPU", EXACT_CONFIG, image_cache_size=2)
+    image = noise_image(100, 100, 9)
+    model.generate(**tiny_processor(text="<OD>", images=image, return_tensors="pt"), max_new_tokens=4)
+    assert len(model.image_cache) == 1
+    model.generate(**tiny_processor(text="<CAPTION>", images=image, return_tensors="pt"), max_new_tokens=4)
+    assert len(model.image_cache) == 1
+    off = OVFlorence2Model(tiny_ov_dir, "CPU", EXACT_CONFIG, image_cache_size=0)
+    off.generate(**tiny_processor(text="<OD>", images=image, return_tensors="pt"), max_new_tokens=4)
+    assert len(off.image_cache) == 0
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [{"image_size": 384, "large_style": True, "seed": 3}, {"image_size": 512, "large_style": False, "seed": 11}],
+    ids=["384px-large-style", "512px-base-style"],
+)
+def test_unseen_configurations_convert_and_match(variant, tmp_path):
+    """A Florence-2 whose sizes no other test uses: image size from the processor, vision width != text width."""
+    source = make_tiny_florence2(tmp_path / "src", **variant)
+    processor = AutoProcessor.from_pretrained(source)
+    torch_model = AutoModelForImageTextToText.from_pretrained(source).eval()
+    ov_model = OVFlorence2Model(convert_florence2(source, tmp_path / "ov", "fp32", verbose=False), "CPU", EXACT_CONFIG)
+    for task, prompt in PROMPTS.items():
+        inputs = processor(text=prompt, images=noise_image(200, 150, len(task)), return_tensors="pt")
+        for num_beams in (1, 3):
+            kwargs = {"max_new_tokens": 16, "num_beams": num_beams}
+            with torch.no_grad():
+                expected = torch_model.generate(**inputs, **kwargs)
+            assert_same_tokens(expected, ov_model.generate(**inputs, **kwargs), f"{variant} {task} beams={num_beams}")

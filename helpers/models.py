@@ -1,0 +1,133 @@
+"""Choose a Florence-2 checkpoint, convert it once, load it: the one-call path every notebook uses.
+
+* :data:`CHECKPOINTS` — the four native Florence-2 checkpoints and what distinguishes them;
+* :func:`model_from_env` / :func:`device_from_env` — the parameters cell of every notebook
+  (``FLORENCE2_MODEL``, ``FLORENCE2_DEVICE``), so CI and offline classrooms can point all lessons at a local model;
+* :func:`ensure_converted` — convert into a cache folder (``FLORENCE2_MODELS_DIR``) the first time only;
+* :func:`load_model` — the converted model on a device, plus its processor.
+
+Taught in ``notebooks/01_select_model.ipynb``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL = "florence-community/Florence-2-base-ft"
+DEFAULT_DEVICE = "AUTO"
+#: ``--model tiny`` / ``FLORENCE2_MODEL=tiny``: the offline random-weight model built by :mod:`helpers.tiny`.
+TINY_MODEL = "tiny"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    hub_id: str
+    parameters_millions: int
+    fine_tuned: bool
+    summary: str
+
+
+CHECKPOINTS: dict[str, Checkpoint] = {
+    c.hub_id: c
+    for c in (
+        Checkpoint(DEFAULT_MODEL, 231, True, "base, fine-tuned on downstream tasks: the best start"),
+        Checkpoint("florence-community/Florence-2-base", 231, False, "base, pretrained only"),
+        Checkpoint("florence-community/Florence-2-large-ft", 771, True, "large, fine-tuned: more accurate, ~3x slower"),
+        Checkpoint("florence-community/Florence-2-large", 771, False, "large, pretrained only"),
+    )
+}
+
+
+def model_from_env(default: str = DEFAULT_MODEL) -> str:
+    """The model the notebooks use: ``FLORENCE2_MODEL`` if set (a hub id, a local folder or ``tiny``)."""
+    return os.environ.get("FLORENCE2_MODEL", "").strip() or default
+
+
+def device_from_env(default: str = DEFAULT_DEVICE) -> str:
+    """The OpenVINO device the notebooks use: ``FLORENCE2_DEVICE`` if set."""
+    return os.environ.get("FLORENCE2_DEVICE", "").strip() or default
+
+
+def models_dir() -> Path:
+    """Where conversions are cached: ``FLORENCE2_MODELS_DIR`` or ``<repository>/models``."""
+    return Path(os.environ.get("FLORENCE2_MODELS_DIR", "") or REPO_ROOT / "models").expanduser().resolve()
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """False when ``HF_HUB_OFFLINE`` is set or huggingface.co cannot be reached within ``timeout`` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _slug(model_id_or_path: str) -> str:
+    """A folder name for a model: the hub name, or the local folder's name plus a short hash of its path."""
+    path = Path(model_id_or_path).expanduser()
+    if path.exists():
+        import hashlib
+
+        digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+        return f"{path.resolve().name}-{digest}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "--", model_id_or_path)
+
+
+def resolve_model(model: str) -> str:
+    """Turn what a user typed into a hub id or an existing folder.
+
+    ``tiny`` builds (once) and returns the offline tiny model. When the default hub model is asked for but the hub
+    is unreachable and nothing is cached, say so loudly and fall back to the tiny model, so an offline classroom
+    still runs every lesson end to end (with answers that are noise).
+    """
+    if model == TINY_MODEL:
+        from helpers.tiny import make_tiny_florence2
+
+        return str(make_tiny_florence2(models_dir() / "tiny-florence2"))
+    if Path(model).expanduser().exists() or model != DEFAULT_MODEL:
+        return model
+    if hub_reachable() or any((models_dir() / _slug(model)).glob("*/manifest.json")):
+        return model
+    print(
+        f"⚠️  The Hugging Face hub is unreachable, so {model} cannot be downloaded.\n"
+        "    Using the offline tiny model instead: it runs every step, but its answers are random.\n"
+        "    To use a real model offline, set FLORENCE2_MODEL to a downloaded Florence-2 folder."
+    )
+    return resolve_model(TINY_MODEL)
+
+
+def converted_dir(model_id_or_path: str, weight_format: str) -> Path:
+    """The cache folder for one model in one weight format."""
+    return models_dir() / _slug(model_id_or_path) / weight_format
+
+
+def ensure_converted(model_id_or_path: str, weight_format: str = "fp16", *, overwrite: bool = False) -> Path:
+    """Convert ``model_id_or_path`` into the cache the first time; later calls return the cached folder."""
+    from helpers.conversion import convert_florence2
+
+    model = resolve_model(model_id_or_path)
+    return convert_florence2(model, converted_dir(model, weight_format), weight_format, overwrite=overwrite)
+
+
+def load_model(
+    model_id_or_path: str = DEFAULT_MODEL,
+    weight_format: str = "fp16",
+    device: str = DEFAULT_DEVICE,
+    ov_config: dict | None = None,
+    **model_kwargs,
+):
+    """Convert if needed, then return ``(OVFlorence2Model, processor)`` ready for :func:`helpers.tasks.run_task`."""
+    from transformers import AutoProcessor
+
+    from helpers.ov_model import OVFlorence2Model
+
+    folder = ensure_converted(model_id_or_path, weight_format)
+    model = OVFlorence2Model(folder, device=device, ov_config=ov_config, **model_kwargs)
+    return model, AutoProcessor.from_pretrained(folder)

@@ -21,6 +21,8 @@ DEFAULT_MODEL = "florence-community/Florence-2-base-ft"
 DEFAULT_DEVICE = "AUTO"
 #: ``--model tiny`` / ``FLORENCE2_MODEL=tiny``: the offline random-weight model built by :mod:`helpers.tiny`.
 TINY_MODEL = "tiny"
+#: ``--model base-random``: the full Florence-2-base architecture with random weights (speed measurements offline).
+BASE_RANDOM_MODEL = "base-random"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -91,6 +93,10 @@ def resolve_model(model: str) -> str:
         from helpers.tiny import make_tiny_florence2
 
         return str(make_tiny_florence2(models_dir() / "tiny-florence2"))
+    if model == BASE_RANDOM_MODEL:
+        from helpers.tiny import make_random_florence2
+
+        return str(make_random_florence2(models_dir() / "base-random-florence2", "base"))
     if Path(model).expanduser().exists() or model != DEFAULT_MODEL:
         return model
     if hub_reachable() or any((models_dir() / _slug(model)).glob("*/manifest.json")):

@@ -91,6 +91,20 @@ class TinyArchitecture:
     def large_style(cls) -> "TinyArchitecture":
         return cls(vision_dims=(16, 32, 64, 128), vision_heads=(2, 4, 8, 16), text_width=48, text_heads=4)
 
+    @classmethod
+    def florence2_base(cls) -> "TinyArchitecture":
+        """The full-size Florence-2-base architecture (231M parameters): for speed and memory measurements."""
+        return cls(
+            vision_dims=(128, 256, 512, 1024),
+            vision_heads=(4, 8, 16, 32),
+            vision_depths=(1, 1, 9, 1),
+            text_width=768,
+            text_layers=6,
+            text_heads=12,
+            text_ffn=3072,
+            window_size=12,
+        )
+
 
 def image_seq_length(image_size: int) -> int:
     """Number of ``<image>`` tokens the processor inserts: one per final-stage patch plus one pooled token."""
@@ -249,8 +263,9 @@ def make_tiny_florence2(
     image_size: int = 768,
     large_style: bool = False,
     architecture: TinyArchitecture | None = None,
-    weight_std: float = 0.2,
-    eos_pull: float = 0.8,
+    weight_std: float | None = 0.2,
+    eos_pull: float | None = 0.8,
+    vocab_size: int | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Build and save a tiny random-weight Florence-2 in transformers' native layout. Returns ``output_dir``.
@@ -258,7 +273,8 @@ def make_tiny_florence2(
     The folder loads with ``AutoProcessor.from_pretrained`` and ``AutoModelForImageTextToText.from_pretrained``
     exactly like ``florence-community/Florence-2-base-ft``, and converts with ``helpers.convert_florence2``.
     A finished folder is reused unless ``overwrite``; it is written to a temporary folder first and renamed, so an
-    interrupted build never looks finished.
+    interrupted build never looks finished. ``weight_std=None`` keeps transformers' default initialisation,
+    ``eos_pull=None`` skips the EOS pull, ``vocab_size`` pads the vocabulary (the real checkpoints use 51328).
     """
     output_dir = Path(output_dir)
     if (output_dir / "model.safetensors").exists() and not overwrite:
@@ -270,11 +286,13 @@ def make_tiny_florence2(
     try:
         tokenizer = build_tokenizer(staging, seed=seed)
         processor = build_processor(tokenizer, image_size)
-        vocab_size = (len(tokenizer) + 63) // 64 * 64  # the real checkpoints pad their vocabulary too
-        config = build_config(vocab_size, tokenizer.image_token_id, arch)
+        padded = (len(tokenizer) + 63) // 64 * 64  # the real checkpoints pad their vocabulary too
+        config = build_config(max(padded, vocab_size or 0), tokenizer.image_token_id, arch)
         model = Florence2ForConditionalGeneration(config).eval()
-        _redraw_weights(model, seed, weight_std)
-        _make_answers_end(model, processor, eos_pull)
+        if weight_std is not None:
+            _redraw_weights(model, seed, weight_std)
+        if eos_pull is not None:
+            _make_answers_end(model, processor, eos_pull)
         model.generation_config = build_generation_config()
         for leftover in ("vocab.json", "merges.txt"):
             (staging / leftover).unlink()
@@ -286,3 +304,25 @@ def make_tiny_florence2(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output_dir
+
+
+#: Presets of :func:`make_random_florence2`: architecture and build options.
+RANDOM_PRESETS: dict[str, dict] = {
+    "tiny": {},
+    "base": {
+        "architecture": TinyArchitecture.florence2_base(),
+        "weight_std": None,  # transformers' default init: realistic activation scales for speed measurements
+        "eos_pull": None,
+        "vocab_size": 51328,
+    },
+}
+
+
+def make_random_florence2(output_dir: str | Path, preset: str = "base", *, seed: int = 0, overwrite: bool = False) -> Path:
+    """Build a random-weight Florence-2 of a named size offline: ``"base"`` is the full Florence-2-base
+    architecture (231M parameters, ~0.9 GB) for honest speed and memory measurements; ``"tiny"`` is
+    :func:`make_tiny_florence2`'s default. Answers are noise. Used by ``benchmarks/benchmark.py`` and
+    ``notebooks/11_speed.ipynb``."""
+    if preset not in RANDOM_PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(RANDOM_PRESETS)}; got {preset!r}.")
+    return make_tiny_florence2(output_dir, seed=seed, overwrite=overwrite, **RANDOM_PRESETS[preset])

@@ -56,8 +56,13 @@ def device_from_env(default: str = DEFAULT_DEVICE) -> str:
 
 
 def models_dir() -> Path:
-    """Where conversions are cached: ``FLORENCE2_MODELS_DIR`` or ``<repository>/models``."""
-    return Path(os.environ.get("FLORENCE2_MODELS_DIR", "") or REPO_ROOT / "models").expanduser().resolve()
+    """Where conversions are cached: ``FLORENCE2_MODELS_DIR``, else a classroom kit's ``models/`` folder
+    (``FLORENCE2_KIT``, see :mod:`helpers.kit`), else ``<repository>/models``."""
+    if os.environ.get("FLORENCE2_MODELS_DIR"):
+        return Path(os.environ["FLORENCE2_MODELS_DIR"]).expanduser().resolve()
+    if os.environ.get("FLORENCE2_KIT"):
+        return (Path(os.environ["FLORENCE2_KIT"]).expanduser() / "models").resolve()
+    return (REPO_ROOT / "models").resolve()
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -72,13 +77,17 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _slug(model_id_or_path: str) -> str:
-    """A folder name for a model: the hub name, or the local folder's name plus a short hash of its path."""
+    """A folder name for a model: the hub name, or a local folder's name plus a short hash of its *content*
+    (config and weight sizes), so a cache or classroom kit still matches after the folder is moved or copied."""
     path = Path(model_id_or_path).expanduser()
-    if path.exists():
+    if path.is_dir():
         import hashlib
 
-        digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
-        return f"{path.resolve().name}-{digest}"
+        digest = hashlib.sha1()
+        for item in sorted(path.glob("*.json")) + sorted(path.glob("*.safetensors")):
+            digest.update(item.name.encode())
+            digest.update(item.read_bytes() if item.suffix == ".json" else str(item.stat().st_size).encode())
+        return f"{path.resolve().name}-{digest.hexdigest()[:8]}"
     return re.sub(r"[^A-Za-z0-9._-]+", "--", model_id_or_path)
 
 
@@ -116,10 +125,13 @@ def converted_dir(model_id_or_path: str, weight_format: str) -> Path:
 
 def ensure_converted(model_id_or_path: str, weight_format: str = "fp16", *, overwrite: bool = False) -> Path:
     """Convert ``model_id_or_path`` into the cache the first time; later calls return the cached folder."""
-    from helpers.conversion import convert_florence2
+    from helpers.conversion import convert_florence2, is_converted
 
     model = resolve_model(model_id_or_path)
-    return convert_florence2(model, converted_dir(model, weight_format), weight_format, overwrite=overwrite)
+    folder = converted_dir(model, weight_format)
+    if not overwrite and is_converted(folder, weight_format=weight_format):
+        return folder  # the folder name already identifies the source (see _slug), even after a move
+    return convert_florence2(model, folder, weight_format, overwrite=overwrite)
 
 
 def load_model(
@@ -136,4 +148,4 @@ def load_model(
 
     folder = ensure_converted(model_id_or_path, weight_format)
     model = OVFlorence2Model(folder, device=device, ov_config=ov_config, **model_kwargs)
-    return model, AutoProcessor.from_pretrained(folder)
+    return model, AutoProcessor.from_pretrained(folder, trust_remote_code=False)

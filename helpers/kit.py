@@ -1,0 +1,112 @@
+"""Classroom kit: download and convert once, then copy to every laptop (USB stick or a LAN share).
+
+Thirty students downloading a 0.5–1.5 GB checkpoint over one Wi-Fi at the same time is how workshops fail. A kit is
+a folder holding converted models (OpenVINO IR + processor files, no PyTorch weights needed), the sample images
+and a manifest; the notebooks use it when ``FLORENCE2_KIT`` points at it:
+
+    python -m helpers.kit build classroom-kit --model florence-community/Florence-2-base-ft --weight-format int8
+    # copy classroom-kit/ to each laptop, then:
+    FLORENCE2_KIT=/media/usb/classroom-kit make run
+
+Building needs the hub (or local checkpoint folders); using a kit needs no network at all.
+Taught in ``notebooks/00_setup.ipynb``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tarfile
+from pathlib import Path
+
+KIT_MANIFEST = "kit.json"
+
+
+def build_kit(
+    output_dir: str | Path,
+    models: list[str],
+    weight_formats: list[str],
+    *,
+    include_samples: bool = True,
+    archive: bool = False,
+) -> Path:
+    """Convert every model in every format into ``output_dir/models`` and write ``kit.json``.
+
+    ``models`` are hub ids, local folders or ``tiny``. Returns the kit folder (or the ``.tar`` archive next to it
+    when ``archive``).
+    """
+    from helpers import models as model_registry
+
+    kit = Path(output_dir).expanduser().resolve()
+    (kit / "models").mkdir(parents=True, exist_ok=True)
+    previous = os.environ.get("FLORENCE2_MODELS_DIR")
+    os.environ["FLORENCE2_MODELS_DIR"] = str(kit / "models")  # convert straight into the kit
+    entries = []
+    try:
+        for model in models:
+            for weight_format in weight_formats:
+                folder = model_registry.ensure_converted(model, weight_format)
+                entries.append({"model": model, "weight_format": weight_format, "path": str(folder.relative_to(kit))})
+    finally:
+        if previous is None:
+            os.environ.pop("FLORENCE2_MODELS_DIR", None)
+        else:
+            os.environ["FLORENCE2_MODELS_DIR"] = previous
+    if include_samples:
+        from helpers.samples import sample_path
+
+        images = sample_path("shapes").parent
+        shutil.copytree(images, kit / "images", dirs_exist_ok=True)
+    (kit / KIT_MANIFEST).write_text(json.dumps({"models": entries}, indent=2))
+    (kit / "README.txt").write_text(
+        "Florence-2 on OpenVINO classroom kit.\n"
+        f"Use it with:  FLORENCE2_KIT={kit.name} FLORENCE2_MODEL=<model> make run   (or make lab)\n"
+        "Models inside: " + ", ".join(f"{e['model']} ({e['weight_format']})" for e in entries) + "\n"
+    )
+    if not archive:
+        return kit
+    tar_path = kit.with_suffix(".tar")
+    with tarfile.open(tar_path, "w") as tar:
+        tar.add(kit, arcname=kit.name)
+    return tar_path
+
+
+def read_kit(kit_dir: str | Path) -> dict:
+    """The kit's manifest; a clear error when the folder is not a kit."""
+    manifest = Path(kit_dir).expanduser() / KIT_MANIFEST
+    if not manifest.exists():
+        raise FileNotFoundError(
+            f"{kit_dir} is not a classroom kit (no {KIT_MANIFEST}). Build one with "
+            "`python -m helpers.kit build <folder> --model <hub id>` on a machine with internet."
+        )
+    return json.loads(manifest.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m helpers.kit", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="convert models into a kit folder")
+    build.add_argument("output_dir")
+    build.add_argument("--model", action="append", required=True, help="hub id, folder or 'tiny' (repeatable)")
+    build.add_argument("--weight-format", action="append", default=None, help="fp16 (default), int8, int4, fp32")
+    build.add_argument("--no-samples", action="store_true")
+    build.add_argument("--archive", action="store_true", help="also pack the kit into one .tar file")
+    show = sub.add_parser("show", help="list what a kit holds")
+    show.add_argument("kit_dir")
+    args = parser.parse_args(argv)
+    if args.command == "show":
+        for entry in read_kit(args.kit_dir)["models"]:
+            print(f"{entry['model']:45s} {entry['weight_format']:5s} {entry['path']}")
+        return 0
+    result = build_kit(
+        args.output_dir, args.model, args.weight_format or ["fp16"], include_samples=not args.no_samples, archive=args.archive
+    )
+    print(f"Kit ready: {result}\nUse it with FLORENCE2_KIT={Path(args.output_dir).resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

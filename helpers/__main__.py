@@ -1,7 +1,9 @@
-"""Command line: run one Florence-2 task on an image with OpenVINO.
+"""Command line: run one Florence-2 task on an image with OpenVINO, or tasks on a folder of images.
 
     python -m helpers IMAGE --task "<OD>" [--text ...] [--model ID_OR_DIR|tiny] [--device CPU]
                       [--weight-format fp16] [--out annotated.png]
+    python -m helpers FOLDER_OR_GLOB --task "<OD>" [--task "<CAPTION>"] --output-dir out/ [--coco] [--draw]
+                      [--batch-size 4]      (batch mode: see helpers/batch.py, or python -m helpers FOLDER -h)
 
 The model is converted on first use and cached under ``FLORENCE2_MODELS_DIR`` (default ``models/``).
 The answer is printed as JSON; ``--out`` saves the drawing.
@@ -21,7 +23,9 @@ from helpers.models import DEFAULT_DEVICE, load_model, model_from_env
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__.split("\n\n")[0])
-    parser.add_argument("image", help="path to an image file (any format Pillow reads)")
+    parser.add_argument(
+        "image", help="path to an image file (any format Pillow reads); a folder or glob runs batch mode"
+    )
     parser.add_argument("--task", default="<CAPTION>", help='task token, e.g. "<OD>" (default: <CAPTION>)')
     parser.add_argument("--text", default=None, help="text input for tasks that take one (phrase, region …)")
     parser.add_argument(
@@ -36,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from helpers.batch import wants_batch
+
+    if wants_batch(argv):  # a folder or glob: JSONL over every image (helpers/batch.py)
+        from helpers.batch import main as batch_main
+
+        return batch_main(argv)
     args = build_parser().parse_args(argv)
     from helpers.plotting import draw_answer
     from helpers.tasks import load_image, run_task

@@ -214,7 +214,9 @@ def _records(records: Iterable[Any]) -> Iterable[tuple[int | None, str, Any, Any
             elif "task" in record and "answer" in record:
                 results = {record["task"]: record["answer"]}
             else:
-                raise ValueError(f"Record {number} has no answers: give 'results' {{task: answer}} or 'task' and 'answer'.")
+                raise ValueError(
+                    f"Record {number} has no answers: give 'results' {{task: answer}} or 'task' and 'answer'."
+                )
             image_id = _image_id(record.get("image_id", image))
             yield image_id, str(image), record.get("width"), record.get("height"), results
         elif isinstance(record, Sequence) and not isinstance(record, (str, bytes)) and len(record) == 5:

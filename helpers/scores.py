@@ -379,7 +379,9 @@ def run_tasks_batch_with_scores(
     _check_scored(token)
     _check_reduce(reduce)
     if isinstance(images, (str, Path, Image.Image)) or not isinstance(images, Sequence) or not images:
-        raise ValueError("images must be a non-empty list of images or paths; for one image use run_task_with_scores().")
+        raise ValueError(
+            "images must be a non-empty list of images or paths; for one image use run_task_with_scores()."
+        )
     pictures = [load_image(image) for image in images]
     if text_inputs is None or isinstance(text_inputs, str):
         texts: list[Any] = [text_inputs] * len(pictures)

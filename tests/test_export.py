@@ -63,9 +63,9 @@ def answers_back(dataset: dict, file_name: str, task: str) -> list[tuple[str, li
     names = {c["id"]: c["name"] for c in dataset["categories"]}
     image_id = next(i["id"] for i in dataset["images"] if i["file_name"] == file_name)
     return [
-        (names[a["category_id"]], [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]],
-         a.get("score"))
+        (names[a["category_id"]], [x, y, x + w, y + h], a.get("score"))
         for a in dataset["annotations"] if a["image_id"] == image_id and a["task"] == task
+        for x, y, w, h in [a["bbox"]]
     ]  # fmt: skip
 
 
@@ -83,7 +83,8 @@ def test_coco_round_trip_of_every_answer_kind() -> None:
     seg_ann = next(a for a in dataset["annotations"] if a["task"] == "<REFERRING_EXPRESSION_SEGMENTATION>")
     assert seg_ann["segmentation"] == SEGMENTATION["polygons"][0] and seg_ann["area"] == pytest.approx(50 * 30)
     assert answers_back(dataset, "receipt.png", "<OCR_WITH_REGION>") == [("TOTAL 12.50", [0.0, 0.0, 40.0, 10.0], 0.8)]
-    assert answers_back(dataset, "bike.jpg", "<OPEN_VOCABULARY_DETECTION>") == [("bicycle", [20.0, 30.0, 40.0, 60.0], 0.6)]
+    bike = answers_back(dataset, "bike.jpg", "<OPEN_VOCABULARY_DETECTION>")
+    assert bike == [("bicycle", [20.0, 30.0, 40.0, 60.0], 0.6)]
     assert answers_back(dataset, "bike.jpg", "<REGION_PROPOSAL>") == [("object", [1.0, 2.0, 3.0, 4.0], None)]
     assert not any(a["task"] == "<CAPTION>" for a in dataset["annotations"])
     names = [c["name"] for c in dataset["categories"]]
@@ -173,8 +174,9 @@ def test_pycocotools_reads_and_evaluates_the_export() -> None:
     mask = ground_truth.annToMask(polygon)
     assert mask.shape == (90, 100) and 0.8 * polygon["area"] <= mask.sum() <= 1.2 * polygon["area"]
     # The export used as detections against itself: a perfect match, which proves boxes/ids/scores are read right.
-    detections = ground_truth.loadRes([{k: v for k, v in a.items() if k != "segmentation"} | {"score": a.get("score", 1.0)}
-                                       for a in dataset["annotations"]])  # fmt: skip
+    results = [{k: v for k, v in a.items() if k != "segmentation"} | {"score": a.get("score", 1.0)}
+               for a in dataset["annotations"]]  # fmt: skip
+    detections = ground_truth.loadRes(results)
     evaluation = cocoeval.COCOeval(ground_truth, detections, "bbox")
     evaluation.evaluate()
     evaluation.accumulate()

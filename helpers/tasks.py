@@ -471,6 +471,8 @@ def _load_path(path: Path) -> Image.Image:
         raise ValueError(
             f"{path} is not an image Pillow can read (JPEG, PNG, WebP, TIFF, BMP, GIF, ...). Check the file type."
         )
+    except OSError as error:  # a recognised header followed by garbage fails while Pillow parses the header
+        raise ValueError(f"{source} is truncated or corrupt ({error}); re-download or re-save it.") from error
     with opened:
         _check_dimensions(opened, source)  # before decoding: the header already says how big it is
         try:

@@ -16,6 +16,7 @@ Taught in ``notebooks/02_convert.ipynb`` (how it works) and ``notebooks/03_selec
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import threading
 from collections import OrderedDict
@@ -94,13 +95,21 @@ def available_devices(core: ov.Core | None = None) -> list[str]:
 
 
 def _check_device(core: ov.Core, device: str) -> None:
+    choices = ", ".join(available_devices(core))
+    if not isinstance(device, str) or not device.strip():
+        raise ValueError(f"device must be a device name such as 'CPU' or 'AUTO', got {device!r}. Available: {choices}.")
+    if device in ("MULTI", "HETERO"):
+        raise ValueError(f"{device} needs a list of devices, e.g. '{device}:CPU'. Available: {choices}.")
     physical = device.split(":", 1)[-1] if device.startswith(("AUTO", "MULTI", "HETERO")) else device
     wanted = [d for d in physical.split(",") if d and d not in ("AUTO", "MULTI", "HETERO")]
     known = core.available_devices
-    missing = [d for d in wanted if d not in known and d.split(".")[0] not in known]
+    # "GPU" is valid when OpenVINO lists "GPU.0", "GPU.1"; "CPU.0" is not when it lists only "CPU".
+    missing = [d for d in wanted if d not in known and not any(k.split(".")[0] == d for k in known)]
     if missing:
+        case = [d.upper() for d in missing if d.upper() in known]
+        hint = f" Device names are upper-case: use '{case[0]}'." if case else ""
         raise ValueError(
-            f"Device {', '.join(missing)} is not available here. Available: {', '.join(available_devices(core))}."
+            f"Device {', '.join(missing)} is not available here.{hint} Pass one of the available devices: {choices}."
         )
 
 
@@ -114,6 +123,9 @@ class OVFlorence2Model(GenerationMixin):
     ``ov_config`` is passed to ``compile_model`` (e.g. :data:`EXACT_CONFIG` for bit-exact parity, or
     ``{"PERFORMANCE_HINT": "LATENCY"}``). ``image_cache_size`` bounds the image-feature cache (0 disables it).
     ``cache_dir`` stores compiled models so that the next load is faster (``None`` disables it).
+    ``part_config`` overrides ``ov_config`` for one part (``"vision_encoder"``, ``"encoder"``, ``"decoder"``,
+    ``"token_embeddings"``), e.g. ``{"decoder": {"INFERENCE_PRECISION_HINT": "f32"}}`` on CPUs where one-row bf16
+    matmuls are slower than f32 (measure with ``benchmarks/benchmark.py``).
 
     One instance runs one ``generate`` at a time: calls from several threads are serialised by a lock (they are
     correct, not parallel). Use one instance per thread for parallel work.
@@ -134,13 +146,20 @@ class OVFlorence2Model(GenerationMixin):
         *,
         image_cache_size: int = 16,
         cache_dir: str | Path | None = "auto",
+        part_config: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self._check_folder()
-        self.config = AutoConfig.from_pretrained(self.model_dir)
+        self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
         self.generation_config = GenerationConfig.from_pretrained(self.model_dir)
         self.device_name = device
         self.ov_config = dict(ov_config or {})
+        self.part_config = {part: dict(config) for part, config in (part_config or {}).items()}
+        unknown = set(self.part_config) - {"vision_encoder", "encoder", "decoder", "token_embeddings"}
+        if unknown:
+            raise ValueError(
+                f"part_config has unknown parts {sorted(unknown)}; use vision_encoder, encoder, decoder, token_embeddings."
+            )
         self.core = ov.Core()
         _check_device(self.core, device)
         self._set_compile_cache(cache_dir)
@@ -158,6 +177,15 @@ class OVFlorence2Model(GenerationMixin):
             )
         if not any(self.model_dir.iterdir()):
             raise IncompleteConversionError(f"{self.model_dir} is empty. Convert a model into it first.")
+        try:
+            model_type = json.loads((self.model_dir / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            model_type = None  # no or unreadable config: the manifest check below explains what to do
+        if model_type not in (None, "florence2"):
+            raise IncompleteConversionError(
+                f"{self.model_dir} holds a '{model_type}' model, not a converted Florence-2. Pass a folder written "
+                "by `convert_florence2('florence-community/Florence-2-base-ft', folder)`."
+            )
         if (self.model_dir / "model.safetensors").exists() and not (self.model_dir / "decoder.xml").exists():
             raise IncompleteConversionError(
                 f"{self.model_dir} holds a PyTorch checkpoint, not an OpenVINO conversion. "
@@ -176,15 +204,17 @@ class OVFlorence2Model(GenerationMixin):
             return  # a read-only model folder still loads, just without the compiled-model cache
         self.core.set_property({"CACHE_DIR": str(cache_dir)})
 
-    def _compile(self, model: ov.Model | str | Path) -> ov.CompiledModel:
-        return self.core.compile_model(model, self.device_name, self.ov_config)
+    def _compile(self, model: ov.Model | str | Path, part: str) -> ov.CompiledModel:
+        return self.core.compile_model(model, self.device_name, {**self.ov_config, **self.part_config.get(part, {})})
 
     def _compile_all(self) -> None:
-        self.ov_vision_encoder = self._compile(self.model_dir / "vision_encoder.xml")
-        self.ov_text_encoder = self._compile(self.model_dir / "encoder.xml")
+        # Compiling from a path lets OpenVINO use its compiled-model cache; only compiled models are kept in memory.
+        self.ov_vision_encoder = self._compile(self.model_dir / "vision_encoder.xml", "vision_encoder")
+        self.ov_text_encoder = self._compile(self.model_dir / "encoder.xml", "encoder")
+        self.ov_decoder = self._compile(self.model_dir / "decoder.xml", "decoder")
         decoder_model = self.core.read_model(self.model_dir / "decoder.xml")
-        self.ov_token_embeddings = self._compile(self._token_embedding_model(decoder_model))
-        self.ov_decoder = self._compile(decoder_model)
+        self.ov_token_embeddings = self._compile(self._token_embedding_model(decoder_model), "token_embeddings")
+        del decoder_model
         self.decoder_request = self.ov_decoder.create_infer_request()
 
     def _token_embedding_model(self, decoder_model: ov.Model) -> ov.Model:
@@ -216,15 +246,16 @@ class OVFlorence2Model(GenerationMixin):
     # ---- the parts, one call each ----------------------------------------------------------------------------
 
     def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
-        """Run the vision encoder + projector, one image at a time through the feature cache."""
-        rows = []
-        for image in np.asarray(pixel_values, dtype=np.float32):
-            key = ImageFeatureCache.key(image)
-            features = self.image_cache.get(key)
-            if features is None:
-                features = self.ov_vision_encoder(image[None])[0][0].copy()
-                self.image_cache.put(key, features)
-            rows.append(features)
+        """Run the vision encoder + projector on the images not in the feature cache (in one call), cache them."""
+        pixel_values = np.asarray(pixel_values, dtype=np.float32)
+        keys = [ImageFeatureCache.key(image) for image in pixel_values]
+        rows = [self.image_cache.get(key) for key in keys]
+        missing = [i for i, row in enumerate(rows) if row is None]
+        if missing:
+            computed = self.ov_vision_encoder(np.ascontiguousarray(pixel_values[missing]))[0]
+            for i, features in zip(missing, computed):
+                rows[i] = features.copy()
+                self.image_cache.put(keys[i], rows[i])
         return np.stack(rows)
 
     def embed_tokens(self, input_ids: np.ndarray) -> np.ndarray:
@@ -283,6 +314,15 @@ class OVFlorence2Model(GenerationMixin):
         Defaults come from the model's saved generation config. Returns token ids for ``processor.batch_decode``."""
         if input_ids is None:
             raise ValueError("generate() needs input_ids: pass the processor's output, e.g. model.generate(**inputs).")
+        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        for name, slack in (("max_new_tokens", 0), ("max_length", 1)):
+            value = generate_kwargs.get(name)
+            if isinstance(limit, int) and isinstance(value, int) and value > limit + slack:
+                # PyTorch raises an IndexError there; OpenVINO's Gather would silently read zeros and go on.
+                raise ValueError(
+                    f"{name}={value} is more than this model's {limit} decoder positions. Use {name} <= "
+                    f"{limit + slack}."
+                )
         with self._lock:
             return super().generate(
                 input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **generate_kwargs
@@ -353,13 +393,15 @@ class OVFlorence2Model(GenerationMixin):
             raise ValueError("This cache belongs to another OVFlorence2Model; start a new generate() call.")
         if attention_mask is None:
             attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long)
+        # share_inputs: OpenVINO reads the numpy buffers in place (no per-step copy of the encoder states).
         self.decoder_request.infer(
             {
-                "input_ids": decoder_input_ids.numpy().astype(np.int64),
-                "encoder_hidden_states": hidden.numpy(),
-                "encoder_attention_mask": attention_mask.numpy().astype(np.int64),
+                "input_ids": np.ascontiguousarray(decoder_input_ids.numpy(), dtype=np.int64),
+                "encoder_hidden_states": np.ascontiguousarray(hidden.numpy(), dtype=np.float32),
+                "encoder_attention_mask": np.ascontiguousarray(attention_mask.numpy(), dtype=np.int64),
                 "beam_idx": past_key_values.beam_idx,
-            }
+            },
+            share_inputs=True,
         )
         logits = self.decoder_request.get_tensor("logits").data.copy()
         past_key_values.seq_length += decoder_input_ids.shape[1]

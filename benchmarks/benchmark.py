@@ -1,0 +1,506 @@
+"""Florence-2 speed, side by side: PyTorch eager FP32 against OpenVINO at several precisions.
+
+    python benchmarks/benchmark.py                      # full-size Florence-2-base architecture, random weights
+    python benchmarks/benchmark.py --model florence-community/Florence-2-base-ft
+    python benchmarks/benchmark.py --model path/to/folder
+    python benchmarks/benchmark.py --quick              # seconds, on the tiny offline model (used by a test)
+
+Every backend is measured in its own subprocess (so its peak RSS is its own) with the same image, prompts and
+generation arguments; generation is forced to exactly ``--new-tokens`` tokens (``min_new_tokens = max_new_tokens``)
+so that every backend does the same work. Reported values are medians over ``--repeats``. Results go to
+``benchmarks/results/<name>.json`` and a bar chart beside it; the table and the ratios against PyTorch are printed.
+
+Taught in ``notebooks/11_speed.ipynb``; latest numbers in ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+#: backend name -> (weight format of the IR, OpenVINO config, description). ``None`` config: the model's defaults.
+OV_BACKENDS: dict[str, tuple[str, dict | None, str]] = {
+    "ov-fp32": ("fp32", {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}, "OpenVINO FP32 IR, f32 hint"),
+    "ov-default": ("fp16", None, "OpenVINO FP16 IR, CPU default precision"),
+    "ov-int8": ("int8", None, "OpenVINO INT8 weights"),
+    "ov-int4": ("int4", None, "OpenVINO INT4 weights (vision INT8)"),
+}
+BACKENDS = ["pytorch", *OV_BACKENDS]
+DESCRIPTIONS = {"pytorch": "PyTorch FP32 eager", **{k: v[2] for k, v in OV_BACKENDS.items()}}
+FIRST_TASK, SECOND_TASK = "<OD>", "<CAPTION>"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def timed(fn, repeats: int) -> tuple[float, Any]:
+    """Median wall time of ``fn()`` over ``repeats`` calls, and the last result."""
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return median(times), result
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def folder_mb(folder: Path, suffixes=(".bin", ".xml", ".safetensors")) -> float:
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.suffix in suffixes) / 2**20
+
+
+class StepTimer:
+    """Times every decoder call that ``generate`` makes (by wrapping the model's ``forward``)."""
+
+    def __init__(self) -> None:
+        self.steps: list[float] = []
+
+    def wrap(self, forward):
+        import functools
+
+        @functools.wraps(forward)  # generate() validates its arguments against forward's signature
+        def timed_forward(*args, **kwargs):
+            start = time.perf_counter()
+            out = forward(*args, **kwargs)
+            self.steps.append(time.perf_counter() - start)
+            return out
+
+        return timed_forward
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the measurement of one backend (runs in a subprocess)
+
+
+def measure_backend(backend: str, source: str, ov_dir: str | None, args: dict) -> dict:
+    """Load one backend and measure everything about it. Returns a JSON-able dict."""
+    import numpy as np
+    import torch
+    from transformers import AutoProcessor
+
+    from helpers.samples import load_sample
+
+    torch.set_num_threads(args["threads"])
+    n, repeats = args["new_tokens"], args["repeats"]
+    result: dict[str, Any] = {"backend": backend, "description": DESCRIPTIONS[backend]}
+    processor = AutoProcessor.from_pretrained(source)
+    image = load_sample("grace_hopper")
+    second_image = load_sample("pagoda")
+    rss_before = current_rss_mb()
+
+    # ---- loading -----------------------------------------------------------------------------------------------
+    if backend == "pytorch":
+        from helpers.conversion import load_torch_model
+
+        load_times, model = [], None
+        for _ in range(2):  # the second load finds the files in the OS page cache
+            model = None  # never hold two copies: peak RSS must be one model's
+            gc.collect()
+            start = time.perf_counter()
+            model = load_torch_model(Path(source))
+            load_times.append(time.perf_counter() - start)
+        result["weights_mb"] = folder_mb(Path(source))
+    else:
+        from helpers.ov_model import OVFlorence2Model
+
+        _, ov_config, _ = OV_BACKENDS[backend]
+        cache_dir = Path(tempfile.mkdtemp(prefix="ov-compiled-cache-"))
+        load_times = []
+        try:
+            for _ in range(2):  # first load compiles and fills the cache; the second reads the cache
+                model = None
+                gc.collect()
+                start = time.perf_counter()
+                model = OVFlorence2Model(ov_dir, "CPU", ov_config, cache_dir=cache_dir)
+                load_times.append(time.perf_counter() - start)
+        finally:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        result["weights_mb"] = folder_mb(Path(ov_dir))
+        result["ov_config"] = model.ov_config
+    result["load_first_s"], result["load_second_s"] = load_times
+    result["rss_after_load_mb"] = current_rss_mb() - rss_before
+
+    def inputs_for(task: str, images):
+        return processor(text=[task] * len(images), images=images, return_tensors="pt")
+
+    inputs = inputs_for(FIRST_TASK, [image])
+    pixel_values = inputs["pixel_values"]
+    gen = {"min_new_tokens": n, "max_new_tokens": n, "do_sample": False}
+
+    def clear_image_cache() -> None:
+        if backend != "pytorch":
+            model.image_cache.clear()
+
+    # ---- parts -------------------------------------------------------------------------------------------------
+    with torch.no_grad():
+        if backend == "pytorch":
+            vision = lambda: model.get_image_features(pixel_values).pooler_output  # noqa: E731
+            features = vision()
+            embeds = model.get_input_embeddings()(inputs["input_ids"])
+            mask = inputs["input_ids"] == model.config.image_token_id
+            embeds[mask] = features.reshape(-1, features.shape[-1])
+            encoder = model.model.language_model.encoder
+            text_encoder = lambda: encoder(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])  # noqa: E731
+        else:
+            pixels = pixel_values.numpy()
+            vision = lambda: model.ov_vision_encoder(pixels)  # noqa: E731
+            vision()
+            ids, att = inputs["input_ids"].numpy(), inputs["attention_mask"].numpy()
+            embeds = model.embed_tokens(ids).copy()
+            embeds[ids == model.config.image_token_id] = model.image_features(pixels).reshape(-1, embeds.shape[-1])
+            text_encoder = lambda: model.ov_text_encoder([embeds, att])  # noqa: E731
+        text_encoder()
+        result["vision_s"], _ = timed(vision, repeats)
+        result["encoder_s"], _ = timed(text_encoder, repeats)
+
+        # ---- end-to-end generate, greedy and beam ------------------------------------------------------------
+        timer = StepTimer()
+        original_forward = model.forward
+        model.forward = timer.wrap(original_forward)
+
+        def generate(num_beams: int, task_inputs=inputs, clear: bool = True):
+            if clear:
+                clear_image_cache()
+            timer.steps.clear()
+            return model.generate(**task_inputs, num_beams=num_beams, **gen)
+
+        generate(1)  # warm-up (first inference allocates)
+        for beams, key in ((1, "greedy"), (3, "beam3")):
+            times, steps = [], []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                tokens = generate(beams)
+                times.append(time.perf_counter() - start)
+                steps.append(list(timer.steps))
+            result[f"generate_{key}_s"] = median(times)
+            decode = [median(s[1:]) for s in steps if len(s) > 1]
+            result[f"decode_step_{key}_ms"] = 1000 * median(decode)
+            result[f"first_step_{key}_ms"] = 1000 * median([s[0] for s in steps])
+            result[f"steps_{key}"] = len(steps[-1])
+            # everything that is not vision or encoder, per new token: decoder calls plus generate's Python work
+            result[f"ms_per_token_{key}"] = 1000 * (result[f"generate_{key}_s"] - result["vision_s"] - result["encoder_s"]) / n
+            result[f"tokens_{key}"] = tokens[0].tolist()
+        model.forward = original_forward
+
+        # ---- a second task on the same image (the OpenVINO model caches image features) -----------------------
+        second_inputs = inputs_for(SECOND_TASK, [image])
+        firsts, seconds, first_ttft, second_ttft = [], [], [], []
+        for _ in range(repeats):
+            clear_image_cache()
+            start = time.perf_counter()
+            model.generate(**inputs, num_beams=1, **gen)
+            firsts.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            model.generate(**second_inputs, num_beams=1, **gen)
+            seconds.append(time.perf_counter() - start)
+            # time to first token (prefill: vision + encoder + one decoder step), where the cache matters most
+            clear_image_cache()
+            one = {"min_new_tokens": 1, "max_new_tokens": 1, "do_sample": False}
+            start = time.perf_counter()
+            model.generate(**inputs, num_beams=1, **one)
+            first_ttft.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            model.generate(**second_inputs, num_beams=1, **one)
+            second_ttft.append(time.perf_counter() - start)
+        result["first_task_s"], result["second_task_s"] = median(firsts), median(seconds)
+        result["first_task_ttft_s"], result["second_task_ttft_s"] = median(first_ttft), median(second_ttft)
+
+        # ---- batching: images per second ----------------------------------------------------------------------
+        result["batch"] = {}
+        pool = [image, second_image, load_sample("flower"), load_sample("shapes")]
+        for size in args["batch_sizes"]:
+            batch_inputs = inputs_for(FIRST_TASK, pool[:size] if size <= len(pool) else (pool * size)[:size])
+            seconds_per_batch, _ = timed(lambda: generate(1, batch_inputs), max(1, repeats - 1))
+            result["batch"][str(size)] = {"seconds": seconds_per_batch, "images_per_s": size / seconds_per_batch}
+
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["threads"] = args["threads"]
+    del np
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# orchestration
+
+
+def prepare(model: str, formats: list[str], verbose: bool) -> tuple[str, dict[str, Path], dict[str, float]]:
+    """Resolve the model (building ``base-random``/``tiny`` offline) and convert it to each format (cached)."""
+    from helpers.models import ensure_converted, resolve_model
+
+    source = resolve_model(model)
+    folders, seconds = {}, {}
+    for weight_format in formats:
+        start = time.perf_counter()
+        folders[weight_format] = ensure_converted(source, weight_format)
+        seconds[weight_format] = time.perf_counter() - start
+        if verbose:
+            print(f"  {weight_format}: {folders[weight_format]} ({seconds[weight_format]:.1f} s)", flush=True)
+    return source, folders, seconds
+
+
+def run_worker(backend: str, source: str, ov_dir: str | None, args: dict, in_process: bool) -> dict:
+    if in_process:
+        return measure_backend(backend, source, ov_dir, args)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        command = [
+            sys.executable, __file__, "--worker", backend, "--worker-source", source,
+            "--worker-ov-dir", ov_dir or "", "--worker-args", json.dumps(args), "--worker-out", str(out),
+        ]  # fmt: skip
+        completed = subprocess.run(command, capture_output=True, text=True)
+        if completed.returncode != 0 or not out.exists():
+            raise RuntimeError(f"{backend} failed:\n{completed.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+
+def token_agreement(reference: list[int], tokens: list[int]) -> float:
+    """Fraction of positions where two token sequences agree (over the longer length)."""
+    length = max(len(reference), len(tokens))
+    same = sum(a == b for a, b in zip(reference, tokens))
+    return same / length if length else 1.0
+
+
+def add_ratios(results: dict[str, dict]) -> dict[str, dict]:
+    """Speed-ups against PyTorch (>1 = faster) and memory ratios (<1 = smaller)."""
+    torch_result = results["pytorch"]
+    ratios = {}
+    for backend, r in results.items():
+        ratios[backend] = {
+            "generate_greedy": torch_result["generate_greedy_s"] / r["generate_greedy_s"],
+            "generate_beam3": torch_result["generate_beam3_s"] / r["generate_beam3_s"],
+            "vision": torch_result["vision_s"] / r["vision_s"],
+            "encoder": torch_result["encoder_s"] / r["encoder_s"],
+            "decode_step": torch_result["decode_step_greedy_ms"] / r["decode_step_greedy_ms"],
+            "peak_rss": r["peak_rss_mb"] / torch_result["peak_rss_mb"],
+            "second_task_vs_first": r["first_task_s"] / r["second_task_s"],
+            "second_task_ttft_vs_first": r["first_task_ttft_s"] / r["second_task_ttft_s"],
+            "load_first_vs_second": r["load_first_s"] / r["load_second_s"],
+            "token_agreement_greedy": token_agreement(torch_result["tokens_greedy"], r["tokens_greedy"]),
+            "token_agreement_beam3": token_agreement(torch_result["tokens_beam3"], r["tokens_beam3"]),
+        }
+    return ratios
+
+
+TARGETS = {
+    "greedy ≥3.0× (default precision)": lambda ratios: ratios["ov-default"]["generate_greedy"] >= 3.0,
+    "greedy ≥4.0× (INT8)": lambda ratios: ratios["ov-int8"]["generate_greedy"] >= 4.0,
+    "beam 3 ≥3.0× (default precision)": lambda ratios: ratios["ov-default"]["generate_beam3"] >= 3.0,
+    "second task ≥10× faster than first (default, end-to-end)": lambda ratios: ratios["ov-default"]["second_task_vs_first"] >= 10,
+    "INT8 peak RSS ≤60% of PyTorch": lambda ratios: ratios["ov-int8"]["peak_rss"] <= 0.60,
+}
+
+
+def format_table(report: dict) -> str:
+    results, ratios = report["results"], report["ratios"]
+    n = report["settings"]["new_tokens"]
+    header = (
+        f"| backend | vision s | encoder s | decode step ms | greedy {n} tok s | beam3 {n} tok s | 2nd task s "
+        "| load 1st/2nd s | peak RSS MB | IR/weights MB | tokens = PyTorch |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for backend, r in results.items():
+        q = ratios[backend]
+        lines.append(
+            f"| {r['description']} | {r['vision_s']:.3f} | {r['encoder_s']:.3f} | {r['decode_step_greedy_ms']:.1f} "
+            f"| {r['generate_greedy_s']:.2f} | {r['generate_beam3_s']:.2f} | {r['second_task_s']:.2f} "
+            f"| {r['load_first_s']:.1f}/{r['load_second_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['weights_mb']:.0f} "
+            f"| {q['token_agreement_greedy']:.0%} / {q['token_agreement_beam3']:.0%} |"
+        )
+    lines += ["", "Ratios against PyTorch FP32 in the same run (speed-up >1 is faster; RSS <1 is smaller):", ""]
+    header = "| backend | greedy | beam3 | vision | encoder | decode step | 2nd task vs 1st (e2e / TTFT) | peak RSS |"
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for backend, q in ratios.items():
+        lines.append(
+            f"| {backend} | {q['generate_greedy']:.2f}× | {q['generate_beam3']:.2f}× | {q['vision']:.2f}× "
+            f"| {q['encoder']:.2f}× | {q['decode_step']:.2f}× | {q['second_task_vs_first']:.2f}× / "
+            f"{q['second_task_ttft_vs_first']:.1f}× | {q['peak_rss']:.0%} |"
+        )
+    batch_backends = [b for b in results if results[b].get("batch")]
+    if batch_backends:
+        sizes = list(results[batch_backends[0]]["batch"])
+        lines += ["", "Throughput (images/s, greedy, forced length):", ""]
+        lines += ["| backend | " + " | ".join(f"batch {s}" for s in sizes) + " |", "|" + "---|" * (len(sizes) + 1)]
+        for backend in batch_backends:
+            batch = results[backend]["batch"]
+            lines.append(f"| {backend} | " + " | ".join(f"{batch[s]['images_per_s']:.2f}" for s in sizes) + " |")
+    if report.get("targets"):
+        lines += ["", "Targets:"] + [f"- {'MET ' if ok else 'MISSED'} {name}" for name, ok in report["targets"].items()]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> Path:
+    """Bar chart: generate time per backend (greedy and beam 3) and the speed-ups against PyTorch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    results, ratios = report["results"], report["ratios"]
+    backends = list(results)
+    x = np.arange(len(backends))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.38
+    for offset, key, label in ((-width / 2, "generate_greedy_s", "greedy"), (width / 2, "generate_beam3_s", "beam 3")):
+        bars = left.bar(x + offset, [results[b][key] for b in backends], width, label=label)
+        left.bar_label(bars, fmt="%.2f", fontsize=8)
+    left.set_xticks(x, backends, rotation=20)
+    left.set_ylabel("seconds (lower is better)")
+    n = report["settings"]["new_tokens"]
+    left.set_title(f"generate, {n} new tokens, one image")
+    left.legend()
+    parts = (("vision", "vision"), ("encoder", "text encoder"), ("decode_step", "decoder step"), ("generate_greedy", "greedy e2e"))
+    width = 0.8 / len(parts)
+    for i, (key, label) in enumerate(parts):
+        right.bar(x + (i - (len(parts) - 1) / 2) * width, [ratios[b][key] for b in backends], width, label=label)
+    right.axhline(1.0, color="grey", linewidth=0.8)
+    right.set_xticks(x, backends, rotation=20)
+    right.set_ylabel("speed-up vs PyTorch FP32 (higher is better)")
+    right.set_title("speed-up per part")
+    right.legend(fontsize=8)
+    fig.suptitle(f"{report['settings']['model']} — {report['machine']['threads']} threads, {report['machine']['cpu']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def run_benchmark(
+    model: str = "base-random",
+    *,
+    quick: bool = False,
+    repeats: int | None = None,
+    new_tokens: int | None = None,
+    backends: list[str] | None = None,
+    batch_sizes: list[int] | None = None,
+    in_process: bool | None = None,
+    output: str | Path | None = None,
+    verbose: bool = True,
+) -> dict:
+    """Run the whole benchmark and return the report (also written as JSON + PNG). Used by ``11_speed.ipynb``."""
+    import openvino
+    import torch
+    import transformers
+
+    repeats = repeats or (1 if quick else 3)
+    new_tokens = new_tokens or (8 if quick else 50)
+    batch_sizes = batch_sizes or ([1, 2] if quick else [1, 2, 4])
+    in_process = quick if in_process is None else in_process
+    backends = backends or BACKENDS
+    if "pytorch" not in backends:
+        backends = ["pytorch", *backends]
+    formats = sorted({OV_BACKENDS[b][0] for b in backends if b in OV_BACKENDS}, key=["fp32", "fp16", "int8", "int4"].index)
+    if verbose:
+        print(f"Preparing {model} ({', '.join(formats)}) …", flush=True)
+    source, folders, convert_seconds = prepare(model, formats, verbose)
+    args = {"new_tokens": new_tokens, "repeats": repeats, "threads": os.cpu_count() or 1, "batch_sizes": batch_sizes}
+    results = {}
+    for backend in backends:
+        if verbose:
+            print(f"Measuring {backend} …", flush=True)
+        ov_dir = str(folders[OV_BACKENDS[backend][0]]) if backend in OV_BACKENDS else None
+        results[backend] = run_worker(backend, source, ov_dir, args, in_process)
+        if verbose:
+            r = results[backend]
+            print(f"  greedy {r['generate_greedy_s']:.2f} s, beam3 {r['generate_beam3_s']:.2f} s, "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)  # fmt: skip
+    report = {
+        "settings": {
+            "model": model, "source": source, "quick": quick, "new_tokens": new_tokens, "repeats": repeats,
+            "batch_sizes": batch_sizes, "first_task": FIRST_TASK, "second_task": SECOND_TASK, "image": "grace_hopper",
+            "rss": "in-process: peak of the whole process" if in_process else "one subprocess per backend",
+        },
+        "machine": {
+            "cpu": cpu_name(), "threads": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "openvino": openvino.get_version(), "transformers": transformers.__version__,
+        },
+        "conversion_s": convert_seconds,
+        "results": results,
+    }  # fmt: skip
+    report["ratios"] = add_ratios(results)
+    if all(b in results for b in ("ov-default", "ov-int8")):
+        report["targets"] = {name: bool(check(report["ratios"])) for name, check in TARGETS.items()}
+    name = Path(output) if output else RESULTS_DIR / f"{'quick' if quick else 'full'}-{Path(str(model)).name}.json"
+    name.parent.mkdir(parents=True, exist_ok=True)
+    name.write_text(json.dumps(report, indent=1))
+    report["json_path"] = str(name)
+    report["chart_path"] = str(plot(report, name.with_suffix(".png")))
+    report["table"] = format_table(report)
+    if verbose:
+        print(report["table"])
+        print(f"\nWrote {name} and {report['chart_path']}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="base-random (default), tiny, a hub id or a local folder")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 8 tokens, 1 repeat, in one process")
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--new-tokens", type=int)
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS)
+    parser.add_argument("--batch-sizes", nargs="+", type=int)
+    parser.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--output", help="JSON path (default benchmarks/results/<quick|full>-<model>.json)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-source", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-ov-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-args", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    options = parser.parse_args(argv)
+    if options.worker:
+        result = measure_backend(
+            options.worker, options.worker_source, options.worker_ov_dir or None, json.loads(options.worker_args)
+        )
+        Path(options.worker_out).write_text(json.dumps(result))
+        return 0
+    model = options.model or ("tiny" if options.quick else "base-random")
+    run_benchmark(
+        model, quick=options.quick, repeats=options.repeats, new_tokens=options.new_tokens, backends=options.backends,
+        batch_sizes=options.batch_sizes, in_process=options.in_process, output=options.output,
+    )  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

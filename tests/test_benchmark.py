@@ -1,0 +1,100 @@
+"""The benchmark's quick mode runs on the tiny model and reports every measured field with sane values.
+
+No timing thresholds here: speed is the benchmark's business, these tests check that it measures what it says.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "benchmark.py"
+
+TIMES = [
+    "vision_s", "encoder_s", "generate_greedy_s", "generate_beam3_s", "load_first_s", "load_second_s",
+    "first_task_s", "second_task_s", "first_task_ttft_s", "second_task_ttft_s",
+]  # fmt: skip
+STEP_TIMES = ["decode_step_greedy_ms", "decode_step_beam3_ms", "first_step_greedy_ms", "first_step_beam3_ms"]
+RATIOS = [
+    "generate_greedy", "generate_beam3", "vision", "encoder", "decode_step", "peak_rss", "second_task_vs_first",
+    "second_task_ttft_vs_first", "load_first_vs_second", "token_agreement_greedy", "token_agreement_beam3",
+]  # fmt: skip
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("florence2_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    return _load_benchmark()
+
+
+@pytest.fixture(scope="module")
+def report(benchmark, tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    return benchmark.run_benchmark(
+        str(tiny_model_dir), quick=True, backends=["pytorch", "ov-fp32", "ov-int8"], output=out, verbose=False
+    )
+
+
+def _finite_positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_json_is_written_and_matches_the_report(report):
+    stored = json.loads(Path(report["json_path"]).read_text())
+    assert stored["results"].keys() == report["results"].keys() == {"pytorch", "ov-fp32", "ov-int8"}
+    assert stored["settings"]["new_tokens"] == report["settings"]["new_tokens"] > 0
+    assert Path(report["chart_path"]).stat().st_size > 10_000  # a real PNG, not an empty figure
+
+
+def test_every_backend_has_every_measured_field(report):
+    n = report["settings"]["new_tokens"]
+    for backend, result in report["results"].items():
+        for field in [*TIMES, *STEP_TIMES, "ms_per_token_greedy", "peak_rss_mb", "weights_mb"]:
+            assert _finite_positive(result[field]), f"{backend}.{field} = {result.get(field)!r}"
+        # parts cannot take longer than the whole they are part of
+        assert result["vision_s"] < result["first_task_s"]
+        assert result["first_step_greedy_ms"] / 1000 < result["generate_greedy_s"]
+        # generation was forced to exactly n new tokens: decoder start + n
+        assert len(result["tokens_greedy"]) == len(result["tokens_beam3"]) == n + 1
+        assert result["steps_greedy"] == n
+        assert result["peak_rss_mb"] > 50  # python + torch alone are more than that
+        for size in report["settings"]["batch_sizes"]:
+            batch = result["batch"][str(size)]
+            assert _finite_positive(batch["seconds"]) and batch["images_per_s"] == pytest.approx(size / batch["seconds"])
+
+
+def test_ratios_are_consistent_with_the_raw_numbers(report):
+    ratios, results = report["ratios"], report["results"]
+    assert ratios["pytorch"]["generate_greedy"] == pytest.approx(1.0)
+    assert ratios["pytorch"]["token_agreement_greedy"] == 1.0
+    for backend, q in ratios.items():
+        for field in RATIOS:
+            assert _finite_positive(q[field]) or (field.startswith("token_agreement") and q[field] == 0.0), field
+        assert 0.0 <= q["token_agreement_greedy"] <= 1.0
+        expected = results["pytorch"]["generate_greedy_s"] / results[backend]["generate_greedy_s"]
+        assert q["generate_greedy"] == pytest.approx(expected)
+    # at f32 OpenVINO reproduces PyTorch token for token (the parity tests' promise, seen through the benchmark)
+    assert ratios["ov-fp32"]["token_agreement_greedy"] == 1.0
+    assert ratios["ov-fp32"]["token_agreement_beam3"] == 1.0
+
+
+def test_table_names_every_backend(report):
+    for backend in report["results"]:
+        assert backend in report["table"]
+    assert "Ratios against PyTorch" in report["table"]
+
+
+def test_token_agreement(benchmark):
+    assert benchmark.token_agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 0.75
+    assert benchmark.token_agreement([1, 2], [1, 2, 3, 4]) == 0.5
+    assert benchmark.token_agreement([], []) == 1.0

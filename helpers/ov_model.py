@@ -393,7 +393,9 @@ class OVFlorence2Model(GenerationMixin):
             raise ValueError("This cache belongs to another OVFlorence2Model; start a new generate() call.")
         if attention_mask is None:
             attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long)
-        # share_inputs: OpenVINO reads the numpy buffers in place (no per-step copy of the encoder states).
+        # share_inputs=False on purpose: with zero-copy inputs the CPU plugin (2026.4, default bf16) kept reading the
+        # encoder states of an earlier generate() call, so identical calls gave different answers (see
+        # tests/test_parity.py::test_repeated_calls_at_default_precision_give_the_same_answer). The copy is small.
         self.decoder_request.infer(
             {
                 "input_ids": np.ascontiguousarray(decoder_input_ids.numpy(), dtype=np.int64),
@@ -401,7 +403,7 @@ class OVFlorence2Model(GenerationMixin):
                 "encoder_attention_mask": np.ascontiguousarray(attention_mask.numpy(), dtype=np.int64),
                 "beam_idx": past_key_values.beam_idx,
             },
-            share_inputs=True,
+            share_inputs=False,
         )
         logits = self.decoder_request.get_tensor("logits").data.copy()
         past_key_values.seq_length += decoder_input_ids.shape[1]

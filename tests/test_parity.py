@@ -152,3 +152,21 @@ def test_unseen_configurations_convert_and_match(variant, tmp_path):
             with torch.no_grad():
                 expected = torch_model.generate(**inputs, **kwargs)
             assert_same_tokens(expected, ov_model.generate(**inputs, **kwargs), f"{variant} {task} beams={num_beams}")
+
+
+def test_repeated_calls_at_default_precision_give_the_same_answer(tiny_processor, tiny_model_dir, tmp_path):
+    """At the device's default precision (bf16 here) answers may differ from PyTorch, but never between two
+    identical calls: state, shared input buffers and caches must not leak from one generate into the next."""
+    from helpers.samples import load_sample
+
+    folder = convert_florence2(tiny_model_dir, tmp_path / "fp16", "fp16", verbose=False)
+    OVFlorence2Model(folder, "CPU", image_cache_size=0)  # fills the compiled-model cache
+    model = OVFlorence2Model(folder, "CPU", image_cache_size=0)  # loads from it, as every later session does
+    image = load_sample("shapes")
+    runs = [
+        # fresh input tensors each call, as a user's loop would make them
+        model.generate(**tiny_processor(text="<OD>", images=image, return_tensors="pt"), max_new_tokens=MAX_NEW_TOKENS, num_beams=num_beams)
+        for num_beams in (3, 3, 3, 1, 1, 1)  # same shapes back to back: the case a stale buffer would hit
+    ]
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2]), "beam search changed between calls"
+    assert torch.equal(runs[3], runs[4]) and torch.equal(runs[3], runs[5]), "greedy search changed between calls"

@@ -29,12 +29,13 @@ NBVAL_ARGS := $(if $(NOTEBOOKS),--nbval-lax --nbval-current-env --nbval-cell-tim
 LAB_ARGS := $(if $(filter 0,$(shell id -u)),--allow-root)
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lab clean distclean venv
+.PHONY: help run test lab clean distclean venv screenshot
 
 help:
 	@echo "make run        run every notebook in notebooks/ headless; executed copies go to output/"
 	@echo "make test       offline tests: pytest tests/ + every notebook with nbval"
 	@echo "make lab        open the lessons in JupyterLab"
+	@echo "make screenshot re-take docs/demo.png with the browser test (needs chromium)"
 	@echo "make clean      remove output/, build/ and caches (keeps .venv and models/)"
 	@echo "make distclean  clean, and also remove .venv and models/"
 
@@ -66,6 +67,10 @@ test: $(STAMP)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab $(LAB_ARGS) notebooks/
+
+# The README's picture of the demo: the browser test copies its screenshot to docs/demo.png.
+screenshot: $(STAMP)
+	UPDATE_SCREENSHOT=1 HF_HUB_OFFLINE=1 $(VPY) -m pytest -p no:cacheprovider tests/test_browser_demo.py
 
 clean:
 	rm -rf output/ build/ .pytest_cache/ .hypothesis/

@@ -30,6 +30,7 @@ import gc
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -90,13 +91,20 @@ def check_model_folder(folder: Path) -> None:
             f"{folder} has no config.json, so it is not a transformers model folder. "
             "Pass a folder written by `save_pretrained`, or a hub id such as florence-community/Florence-2-base-ft."
         )
-    config = json.loads(config_file.read_text())
-    if config.get("model_type") != "florence2":
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConversionError(
+            f"{config_file} is not valid JSON ({error}). Download the checkpoint again (`hf download <hub id> "
+            "--local-dir <folder>`)."
+        ) from error
+    if not isinstance(config, dict) or config.get("model_type") != "florence2":
+        config = config if isinstance(config, dict) else {}
         raise ConversionError(
             f"{folder} holds a '{config.get('model_type')}' model, not Florence-2 (model_type 'florence2'). "
             "Use a florence-community/Florence-2-* checkpoint."
         )
-    if "auto_map" in config or any(folder.glob("*.py")):
+    if _has_auto_map(folder) or any(folder.glob("*.py")):
         # Remote-code layout (microsoft/Florence-2-*): we never execute code shipped with a model.
         raise ConversionError(
             f"{folder} is a remote-code Florence-2 (it ships Python code / an auto_map). This collection never runs "
@@ -104,8 +112,24 @@ def check_model_folder(folder: Path) -> None:
         )
     if not any(folder.glob("*.safetensors")):
         raise ConversionError(
-            f"{folder} has no .safetensors weights. Only safetensors are loaded (pickle files can run code)."
+            f"{folder} has no .safetensors weights. Only safetensors are loaded: pickle files (pytorch_model.bin) "
+            "can run code when loaded. Use a florence-community/Florence-2-* checkpoint (they ship "
+            "model.safetensors), or convert trusted .bin weights yourself with the safetensors library."
         )
+
+
+def _has_auto_map(folder: Path) -> bool:
+    """An ``auto_map`` in any of the folder's JSON configs points transformers at code shipped with the model."""
+    for path in folder.glob("*.json"):
+        if path.name == "tokenizer.json":  # the vocabulary (megabytes), never a place for auto_map
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # unreadable or not JSON: transformers could not read an auto_map from it either
+        if isinstance(data, dict) and "auto_map" in data:
+            return True
+    return False
 
 
 def _hub_error(model_id: str, error: Exception) -> ConversionError:
@@ -113,7 +137,8 @@ def _hub_error(model_id: str, error: Exception) -> ConversionError:
         f"Could not download '{model_id}' from the Hugging Face hub ({type(error).__name__}: {error}). "
         "If this machine is offline, download the checkpoint elsewhere (`hf download "
         f"{model_id} --local-dir Florence-2`), copy the folder here and pass its path instead of the hub id; "
-        "or use `helpers.make_tiny_florence2(folder)` for an offline test model."
+        "or use `helpers.make_tiny_florence2(folder)` for an offline test model. "
+        f"(If '{model_id}' was meant as a local folder: there is no such folder in {Path.cwd()}.)"
     )
 
 
@@ -124,10 +149,11 @@ def resolve_source(model_id_or_path: str | Path) -> Path:
         check_model_folder(folder)
         return folder
     model_id = str(model_id_or_path)
-    if model_id.count("/") != 1:
+    if model_id.count("/") != 1 or model_id.startswith(("/", ".", "~")) or "\\" in model_id:
+        # "models/florence2" that does not exist is a mistyped path far more often than a hub id.
         raise ConversionError(
             f"'{model_id}' is neither an existing folder nor a hub id of the form owner/name "
-            "(e.g. florence-community/Florence-2-base-ft)."
+            "(e.g. florence-community/Florence-2-base-ft). Check the path, or pass a hub id."
         )
     from huggingface_hub import snapshot_download
 
@@ -494,10 +520,18 @@ def read_manifest(folder: str | Path) -> dict:
             f"{folder} has no {MANIFEST_NAME}: it is not a finished conversion (it may have been interrupted). "
             "Convert again with `convert_florence2(model, folder, overwrite=True)`."
         )
+    fix = "Convert again with `convert_florence2(model, folder, overwrite=True)`."
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise IncompleteConversionError(f"{path} is corrupt ({error}). Convert again with overwrite=True.") from error
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise IncompleteConversionError(f"{path} is corrupt ({error}). {fix}") from error
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+        isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)
+        for entry in files.values()
+    ):
+        raise IncompleteConversionError(f"{path} is not a manifest written by convert_florence2 (corrupt). {fix}")
+    return manifest
 
 
 def verify_conversion(folder: str | Path, *, check_hashes: bool = True) -> dict:
@@ -513,6 +547,10 @@ def verify_conversion(folder: str | Path, *, check_hashes: bool = True) -> dict:
             f"{folder} was converted with IR layout version {manifest.get('layout_version')}, this code reads "
             f"version {LAYOUT_VERSION}. {fix}"
         )
+    required = [f"{part}.{ext}" for part in IR_PARTS for ext in ("xml", "bin")] + ["config.json"]
+    unlisted = [name for name in required if name not in manifest["files"]]
+    if unlisted:
+        raise IncompleteConversionError(f"{folder / MANIFEST_NAME} does not list {', '.join(unlisted)}. {fix}")
     for name, expected in manifest["files"].items():
         path = folder / name
         if not path.exists():
@@ -561,9 +599,9 @@ def is_converted(output_dir: str | Path, source: str | None = None, weight_forma
         manifest = verify_conversion(output_dir, check_hashes=False)
     except IncompleteConversionError:
         return False
-    if weight_format is not None and manifest["weight_format"] != weight_format:
+    if weight_format is not None and manifest.get("weight_format") != weight_format:
         return False
-    return source is None or manifest["source"] == source
+    return source is None or manifest.get("source") == source
 
 
 def convert_florence2(
@@ -579,7 +617,9 @@ def convert_florence2(
     ``model_id_or_path`` is a hub id (``florence-community/Florence-2-base-ft``, …) or a local folder in
     transformers' native layout. ``weight_format`` is one of ``fp32``, ``fp16``, ``int8``, ``int4``.
     A complete conversion of the same source and format is reused unless ``overwrite``; a folder that holds
-    something else is never silently replaced or used.
+    something else is never silently replaced or used, and ``overwrite=True`` replaces only an earlier conversion,
+    never the source checkpoint or a folder of other files. A full or read-only output location is refused before
+    the model is loaded; folders left by killed conversions are deleted by the next one.
 
     Read the source with ``??convert_florence2`` in a notebook; taught in ``notebooks/02_convert.ipynb``.
     """
@@ -587,6 +627,10 @@ def convert_florence2(
         raise ValueError(f"weight_format must be one of {', '.join(WEIGHT_FORMATS)}; got {weight_format!r}.")
     output_dir = Path(output_dir).expanduser().resolve()
     source = str(model_id_or_path)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConversionError(f"{output_dir} is a file, not a folder. Choose a folder path for the converted model.")
+    if _is_local(model_id_or_path):
+        _check_not_source(output_dir, Path(model_id_or_path).expanduser().resolve())
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         if is_converted(output_dir, source, weight_format):
             if verbose:
@@ -598,8 +642,13 @@ def convert_florence2(
         )
 
     folder = resolve_source(model_id_or_path)
+    _check_not_source(output_dir, folder)
+    if output_dir.exists():
+        _check_replaceable(output_dir)
     _check_writable(output_dir, _estimate_bytes(folder, weight_format))
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    _remove_stale_staging(output_dir)
+    # The pid in the name lets a later run tell a folder left by a killed conversion from one still being written.
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-{os.getpid()}-", dir=output_dir.parent))
     try:
         _convert_into(folder, staging, weight_format, verbose)
         write_manifest(staging, source, weight_format)
@@ -609,6 +658,59 @@ def convert_florence2(
     if verbose:
         print(f"✅ {source} converted to {output_dir} ({weight_format})")
     return output_dir
+
+
+def _check_not_source(output_dir: Path, source_folder: Path) -> None:
+    """Replacing ``output_dir`` must never delete the checkpoint being converted."""
+    if output_dir == source_folder or output_dir in source_folder.parents:
+        raise ConversionError(
+            f"The output folder {output_dir} holds the checkpoint being converted ({source_folder}); converting into "
+            "it would delete the checkpoint. Choose another output folder, e.g. a sibling folder."
+        )
+
+
+#: What a conversion folder may hold; ``overwrite=True`` refuses to delete a folder holding anything else.
+_CONVERSION_SUFFIXES = (".xml", ".bin", ".json", ".txt")
+
+
+def _check_replaceable(output_dir: Path) -> None:
+    """``overwrite=True`` replaces an earlier conversion, never a folder of unrelated files (``"."``, ``"~"``)."""
+    if (output_dir / MANIFEST_NAME).exists():
+        return
+    foreign = [
+        entry.name
+        for entry in output_dir.iterdir()
+        if not entry.name.startswith(".")
+        and not (entry.is_file() and entry.suffix in _CONVERSION_SUFFIXES)
+        and entry.name != "compiled_cache"
+    ]
+    if foreign:
+        raise ConversionError(
+            f"{output_dir} holds files that are not from a conversion ({', '.join(sorted(foreign)[:5])}); "
+            "overwrite=True would delete them. Choose a new or empty output folder."
+        )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only (POSIX)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_staging(output_dir: Path) -> None:
+    """Delete folders that killed conversions left beside ``output_dir`` (``.name.partial-PID-*``,
+    ``.name.old-PID``) once their process is gone, so interrupted runs do not pile up gigabytes."""
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
+        return
+    pattern = re.compile(rf"\.{re.escape(output_dir.name)}\.(?:partial|old)-(\d+)(?:-.*)?")
+    for entry in output_dir.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_dir() and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _replace_folder(staging: Path, output_dir: Path) -> None:
@@ -627,7 +729,7 @@ def _convert_into(folder: Path, staging: Path, weight_format: str, verbose: bool
     from transformers import AutoProcessor, GenerationConfig
 
     with _step(f"Loading {folder.name} (PyTorch)", verbose):
-        processor = AutoProcessor.from_pretrained(folder)
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
         model = load_torch_model(folder)
     image_size = image_size_of(processor)
     builders = {

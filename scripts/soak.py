@@ -1,0 +1,174 @@
+"""Soak test: many consecutive generations on one OpenVINO Florence-2, watching memory.
+
+A classroom or a service runs thousands of requests on one loaded model; a few kilobytes kept per request add up.
+This script runs ``--iterations`` generations (default 500) through :func:`helpers.tasks.run_task`, cycling over all
+15 tasks, images of varying size and mode, greedy and beam search, then prints how much the process's memory grew
+after a warm-up:
+
+* **peak RSS growth** — the peak resident memory during the measured iterations versus the peak during the warm-up,
+  in %. On Linux the kernel's own high-water mark (``VmHWM``) is reset between the phases (``/proc/self/clear_refs``),
+  so a one-off spike while loading the model cannot hide a leak; elsewhere the RSS sampled after every iteration is
+  used;
+* **RSS growth** — the resident memory over the last iterations versus the last warm-up iterations (medians of
+  the RSS sampled after each iteration, so one allocator hiccup does not decide), in %.
+
+The warm-up (default 30 iterations, at least one per task) lets allocator pools, OpenVINO's per-shape kernels and
+the image-feature cache reach their steady size first. ``tests/test_robustness.py`` runs a short version and
+requires less than 5% growth.
+
+Usage::
+
+    python scripts/soak.py [--iterations 500] [--warmup 30] [--model-dir CONVERTED_DIR] [--device CPU] [--json]
+
+Without ``--model-dir`` the offline tiny model is built and converted once (cached under ``FLORENCE2_MODELS_DIR``,
+default ``models/``). ``--json`` prints the figures as one JSON line at the end. ``--simulate-leak-kb N`` keeps N KB
+per iteration on purpose: it shows that the measurement sees a leak (the test suite checks this).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from statistics import median
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run from a checkout without installing helpers
+    sys.path.insert(0, str(REPO))
+
+from helpers.tasks import TASKS, run_task  # noqa: E402
+
+#: Text inputs for the tasks that need one, regions given both ways (string and pixel box).
+TEXT_INPUTS = {
+    "<CAPTION_TO_PHRASE_GROUNDING>": "a red car next to a green tree",
+    "<OPEN_VOCABULARY_DETECTION>": "bicycle",
+    "<REFERRING_EXPRESSION_SEGMENTATION>": "the dog on the left",
+    "<REGION_TO_SEGMENTATION>": "<loc_100><loc_150><loc_600><loc_700>",
+    "<REGION_TO_CATEGORY>": (5.0, 5.0, 40.0, 30.0),
+    "<REGION_TO_DESCRIPTION>": "<loc_0><loc_0><loc_500><loc_999>",
+    "<REGION_TO_OCR>": (0.0, 0.0, 30.0, 20.0),
+}
+SIZES = [(64, 48), (200, 120), (97, 301), (48, 48), (320, 240)]
+MODES = ["RGB", "L", "RGBA", "P"]
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """The kernel's peak RSS of this process since the last :func:`reset_peak_rss` (Linux ``VmHWM``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def request(iteration: int) -> tuple[Image.Image, str, object, dict]:
+    """The iteration-th request: task, image (size, mode, content) and generation settings all vary."""
+    tasks = list(TASKS)
+    task = tasks[iteration % len(tasks)]
+    width, height = SIZES[iteration % len(SIZES)]
+    rng = np.random.default_rng(iteration % 40)  # 40 distinct images: more than the image-feature cache holds
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    mode = MODES[(iteration // len(tasks)) % len(MODES)]
+    image = image.convert(mode) if mode != "P" else image.quantize(16)
+    kwargs = {"max_new_tokens": 20, "num_beams": 1 if iteration % 3 else 3}
+    return image, task, TEXT_INPUTS.get(task), kwargs
+
+
+def soak(model, processor, iterations: int, warmup: int, *, simulate_leak_kb: int = 0, verbose: bool = True) -> dict:
+    """Run ``iterations`` requests and return the memory figures (bytes and % growth after ``warmup``)."""
+    if not 1 < warmup < iterations:
+        raise ValueError(f"Need 1 < warmup < iterations, got warmup={warmup}, iterations={iterations}.")
+    kept: list[bytes] = []
+    kernel_peak = False
+    sampled_peak = baseline_peak = 0
+    samples: list[int] = []  # RSS after each iteration
+    window = max(1, min(10, warmup // 2))
+    start = time.perf_counter()
+    for iteration in range(iterations):
+        image, task, text, kwargs = request(iteration)
+        run_task(model, processor, image, task, text, **kwargs)
+        if simulate_leak_kb:
+            kept.append(os.urandom(simulate_leak_kb * 1024))  # random bytes: the pages are really touched
+        samples.append(rss_bytes())
+        sampled_peak = max(sampled_peak, samples[-1])
+        if iteration == 0:  # loading and compiling the model peak once; that is not what is measured
+            kernel_peak, sampled_peak = reset_peak_rss(), rss_bytes()
+        if iteration + 1 == warmup:
+            gc.collect()
+            baseline_rss, baseline_peak = median(samples[-window:]), peak_rss_bytes() if kernel_peak else sampled_peak
+            kernel_peak, sampled_peak = reset_peak_rss(), rss_bytes()
+        if verbose and (iteration + 1) % 50 == 0:
+            print(f"{iteration + 1:5d}/{iterations}  RSS {rss_bytes() / 2**20:7.1f} MiB", flush=True)
+    final_rss, final_peak = median(samples[-window:]), peak_rss_bytes() if kernel_peak else sampled_peak
+    return {
+        "peak_source": "kernel VmHWM" if kernel_peak else "sampled RSS",
+        "iterations": iterations,
+        "warmup": warmup,
+        "seconds": round(time.perf_counter() - start, 2),
+        "baseline_rss_mib": round(baseline_rss / 2**20, 1),
+        "final_rss_mib": round(final_rss / 2**20, 1),
+        "baseline_peak_rss_mib": round(baseline_peak / 2**20, 1),
+        "final_peak_rss_mib": round(final_peak / 2**20, 1),
+        "rss_growth_percent": round(100.0 * (final_rss - baseline_rss) / baseline_rss, 2),
+        "peak_rss_growth_percent": round(100.0 * (final_peak - baseline_peak) / baseline_peak, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--iterations", type=int, default=500)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--model-dir", type=Path, default=None, help="a folder written by convert_florence2")
+    parser.add_argument("--device", default="CPU")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON line at the end")
+    parser.add_argument("--simulate-leak-kb", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    from transformers import AutoProcessor
+
+    from helpers.ov_model import OVFlorence2Model
+
+    model_dir = args.model_dir
+    if model_dir is None:
+        from helpers.models import TINY_MODEL, ensure_converted
+
+        model_dir = ensure_converted(TINY_MODEL, "fp32")
+    model = OVFlorence2Model(model_dir, args.device)
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=False)
+    result = soak(model, processor, args.iterations, args.warmup, simulate_leak_kb=args.simulate_leak_kb)
+    print(
+        f"{result['iterations']} generations in {result['seconds']} s on {model_dir} ({args.device}). "
+        f"After {result['warmup']} warm-up iterations: peak RSS ({result['peak_source']}) "
+        f"{result['baseline_peak_rss_mib']} → "
+        f"{result['final_peak_rss_mib']} MiB ({result['peak_rss_growth_percent']:+.2f}%), RSS "
+        f"{result['baseline_rss_mib']} → {result['final_rss_mib']} MiB ({result['rss_growth_percent']:+.2f}%)."
+    )
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,6 +9,9 @@ Each module stands on its own (copy the one you need into your project):
 * :mod:`helpers.plotting` — draw any answer on its image (04–09)
 * :mod:`helpers.samples` — sample images shipped with the collection
 * :mod:`helpers.tiny` — a tiny random-weight Florence-2 built offline (00_setup)
+* :mod:`helpers.widgets`, :mod:`helpers.demo` — selectors and the interactive demo (01–03, 10_interactive_demo)
+* :mod:`helpers.scores`, :mod:`helpers.export`, :mod:`helpers.batch` — confidences, COCO/supervision, folders (README)
+* :mod:`helpers.kit` — the offline classroom kit (00_setup)
 
 Imports are lazy so that ``import helpers`` stays fast and torch-free until a helper is used.
 """
@@ -33,6 +36,11 @@ _EXPORTS = {
     "plot_answer": "helpers.plotting",
     "load_sample": "helpers.samples",
     "make_tiny_florence2": "helpers.tiny",
+    "run_task_with_scores": "helpers.scores",
+    "to_coco": "helpers.export",
+    "to_supervision": "helpers.export",
+    "build_kit": "helpers.kit",
+    "build_demo": "helpers.demo",
 }
 
 __all__ = list(_EXPORTS)

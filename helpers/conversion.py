@@ -604,6 +604,13 @@ def is_converted(output_dir: str | Path, source: str | None = None, weight_forma
     return source is None or manifest.get("source") == source
 
 
+
+def _make_shareable(folder: Path) -> None:
+    """Give a temporary folder the permissions a normal ``mkdir`` would (honouring the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+
 def convert_florence2(
     model_id_or_path: str | Path,
     output_dir: str | Path,
@@ -649,6 +656,7 @@ def convert_florence2(
     _remove_stale_staging(output_dir)
     # The pid in the name lets a later run tell a folder left by a killed conversion from one still being written.
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-{os.getpid()}-", dir=output_dir.parent))
+    _make_shareable(staging)  # mkdtemp makes 0700 folders; a shared kit or cache must be readable
     try:
         _convert_into(folder, staging, weight_format, verbose)
         write_manifest(staging, source, weight_format)

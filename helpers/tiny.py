@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 import shutil
 import tempfile
@@ -256,6 +257,13 @@ def _make_answers_end(model: Florence2ForConditionalGeneration, processor: Flore
         embedding[2] = (1 - pull) * embedding[2] + pull * embedding[frequent]
 
 
+
+def _make_shareable(folder: Path) -> None:
+    """Give a temporary folder the permissions a normal ``mkdir`` would (honouring the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+
 def make_tiny_florence2(
     output_dir: str | Path,
     *,
@@ -283,6 +291,7 @@ def make_tiny_florence2(
     torch.manual_seed(seed)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    _make_shareable(staging)  # mkdtemp makes 0700 folders; a shared kit or cache must be readable
     try:
         tokenizer = build_tokenizer(staging, seed=seed)
         processor = build_processor(tokenizer, image_size)

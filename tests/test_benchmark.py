@@ -61,9 +61,7 @@ def test_every_backend_has_every_measured_field(report):
     for backend, result in report["results"].items():
         for field in [*TIMES, *STEP_TIMES, "ms_per_token_greedy", "peak_rss_mb", "weights_mb"]:
             assert _finite_positive(result[field]), f"{backend}.{field} = {result.get(field)!r}"
-        # parts cannot take longer than the whole they are part of
-        assert result["vision_s"] < result["first_task_s"]
-        assert result["first_step_greedy_ms"] / 1000 < result["generate_greedy_s"]
+        # (no comparisons between separately timed runs here: on a busy machine any one of them can be slow)
         # generation was forced to exactly n new tokens: decoder start + n
         assert len(result["tokens_greedy"]) == len(result["tokens_beam3"]) == n + 1
         assert result["steps_greedy"] == n

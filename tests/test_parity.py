@@ -170,3 +170,41 @@ def test_repeated_calls_at_default_precision_give_the_same_answer(tiny_processor
     ]
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2]), "beam search changed between calls"
     assert torch.equal(runs[3], runs[4]) and torch.equal(runs[3], runs[5]), "greedy search changed between calls"
+
+
+def test_tied_embedding_is_stored_once(tiny_model_dir: Path, tiny_ov_dir: Path):
+    """The fp32 IR holds every weight exactly once: no larger than the safetensors checkpoint (which stores the
+    tied embedding / output projection once) plus a little graph metadata."""
+    checkpoint = (tiny_model_dir / "model.safetensors").stat().st_size
+    ir_weights = sum(path.stat().st_size for path in tiny_ov_dir.glob("*.bin"))
+    embedding = tiny_torch_embedding_bytes(tiny_model_dir)
+    assert sorted(p.name for p in tiny_ov_dir.glob("*.xml")) == ["decoder.xml", "encoder.xml", "vision_encoder.xml"]
+    assert ir_weights < checkpoint + embedding / 2, f"IR weights {ir_weights} B vs checkpoint {checkpoint} B"
+
+
+def tiny_torch_embedding_bytes(model_dir: Path) -> int:
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(model_dir).text_config
+    return text.vocab_size * text.d_model * 4
+
+
+@pytest.mark.parametrize("weight_format", ["int8", "int4"])
+def test_compressed_formats_convert_and_answer_well_formed(weight_format, tiny_model_dir, tiny_processor, tmp_path):
+    from helpers.tasks import ANSWER_KEYS, TASKS, run_task
+
+    folder = convert_florence2(tiny_model_dir, tmp_path / weight_format, weight_format, verbose=False)
+    fp32_bytes = (tiny_model_dir / "model.safetensors").stat().st_size
+    assert sum(p.stat().st_size for p in folder.glob("*.bin")) < 0.6 * fp32_bytes
+    model = OVFlorence2Model(folder, "CPU")
+    image = noise_image(200, 150, 21)
+    for task in ["<CAPTION>", "<OD>", "<CAPTION_TO_PHRASE_GROUNDING>", "<REGION_TO_SEGMENTATION>", "<OCR_WITH_REGION>"]:
+        text = PROMPTS[task][len(task):] or None
+        answer = run_task(model, tiny_processor, image, task, text, max_new_tokens=24)[task]
+        keys = ANSWER_KEYS[TASKS[task].answer_kind]
+        if keys:
+            assert set(answer) >= set(keys), f"{weight_format} {task}: {answer}"
+            lengths = {len(answer[k]) for k in keys if k in ("bboxes", "labels", "polygons", "quad_boxes")}
+            assert len(lengths) <= 1, f"{weight_format} {task}: instance lists of different lengths {answer}"
+        else:
+            assert isinstance(answer, str)

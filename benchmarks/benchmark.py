@@ -84,6 +84,7 @@ class StepTimer:
 
     def __init__(self) -> None:
         self.steps: list[float] = []
+        self.ends: list[float] = []  # perf_counter() when each call returned
 
     def wrap(self, forward):
         import functools
@@ -92,7 +93,9 @@ class StepTimer:
         def timed_forward(*args, **kwargs):
             start = time.perf_counter()
             out = forward(*args, **kwargs)
-            self.steps.append(time.perf_counter() - start)
+            end = time.perf_counter()
+            self.steps.append(end - start)
+            self.ends.append(end)
             return out
 
         return timed_forward
@@ -192,23 +195,27 @@ def measure_backend(backend: str, source: str, ov_dir: str | None, args: dict) -
             if clear:
                 clear_image_cache()
             timer.steps.clear()
+            timer.ends.clear()
             return model.generate(**task_inputs, num_beams=num_beams, **gen)
 
         generate(1)  # warm-up (first inference allocates)
         for beams, key in ((1, "greedy"), (3, "beam3")):
-            times, steps = [], []
+            times, steps, after_first = [], [], []
             for _ in range(repeats):
                 start = time.perf_counter()
                 tokens = generate(beams)
-                times.append(time.perf_counter() - start)
+                end = time.perf_counter()
+                times.append(end - start)
                 steps.append(list(timer.steps))
+                after_first.append((end - timer.ends[0]) / max(1, n - 1))
             result[f"generate_{key}_s"] = median(times)
             decode = [median(s[1:]) for s in steps if len(s) > 1]
             result[f"decode_step_{key}_ms"] = 1000 * median(decode)
             result[f"first_step_{key}_ms"] = 1000 * median([s[0] for s in steps])
             result[f"steps_{key}"] = len(steps[-1])
-            # everything that is not vision or encoder, per new token: decoder calls plus generate's Python work
-            result[f"ms_per_token_{key}"] = 1000 * (result[f"generate_{key}_s"] - result["vision_s"] - result["encoder_s"]) / n
+            # from the first token to the end of the same run, per new token (so never negative): decoder calls
+            # plus generate's Python work, without vision and encoder (which run before the first token)
+            result[f"ms_per_token_{key}"] = 1000 * median(after_first)
             result[f"tokens_{key}"] = tokens[0].tolist()
         model.forward = original_forward
 

@@ -23,6 +23,9 @@ DEFAULT_DEVICE = "AUTO"
 TINY_MODEL = "tiny"
 #: ``--model base-random``: the full Florence-2-base architecture with random weights (speed measurements offline).
 BASE_RANDOM_MODEL = "base-random"
+#: ``--model teaching`` / ``FLORENCE2_MODEL=teaching``: the small Florence-2 trained on generated shape scenes that
+#: ships in ``helpers/data/teaching-model`` (see :mod:`helpers.teaching`); real answers offline, on such scenes.
+TEACHING_MODEL = "teaching"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -94,10 +97,22 @@ def _slug(model_id_or_path: str) -> str:
 def resolve_model(model: str) -> str:
     """Turn what a user typed into a hub id or an existing folder.
 
-    ``tiny`` builds (once) and returns the offline tiny model. When the default hub model is asked for but the hub
-    is unreachable and nothing is cached, say so loudly and fall back to the tiny model, so an offline classroom
-    still runs every lesson end to end (with answers that are noise).
+    ``tiny`` builds (once) and returns the offline tiny model; ``teaching`` returns the shipped teaching model.
+    When the default hub model is asked for but the hub is unreachable and nothing is cached, say so loudly and fall
+    back to the teaching model (trained here on generated shape scenes: real boxes and captions on such scenes), or
+    to the random-weight tiny model if the teaching model is missing, so an offline classroom still runs every
+    lesson end to end.
     """
+    if model == TEACHING_MODEL:
+        from helpers.teaching import TEACHING_MODEL_DIR, teaching_model_available
+
+        if not teaching_model_available():
+            raise FileNotFoundError(
+                f"The teaching model is missing from {TEACHING_MODEL_DIR} (the package was installed without its "
+                "data?). Reinstall with `pip install -e .`, or retrain it: python -m helpers.teaching.train "
+                f"--output {TEACHING_MODEL_DIR} --steps 1000 --seed 0"
+            )
+        return str(TEACHING_MODEL_DIR)
     if model == TINY_MODEL:
         from helpers.tiny import make_tiny_florence2
 
@@ -110,6 +125,17 @@ def resolve_model(model: str) -> str:
         return model
     if hub_reachable() or any((models_dir() / _slug(model)).glob("*/manifest.json")):
         return model
+    from helpers.teaching import teaching_model_available
+
+    if teaching_model_available():
+        print(
+            f"⚠️  The Hugging Face hub is unreachable, so {model} cannot be downloaded.\n"
+            "    Using the offline TEACHING model instead (FLORENCE2_MODEL=teaching): a 4.7M-parameter Florence-2\n"
+            "    trained in this repository on generated scenes. It boxes, names and counts coloured circles, squares\n"
+            "    and triangles and reads a small set of words; on photos and other text its answers are meaningless.\n"
+            "    To use a real model offline, set FLORENCE2_MODEL to a downloaded Florence-2 folder."
+        )
+        return resolve_model(TEACHING_MODEL)
     print(
         f"⚠️  The Hugging Face hub is unreachable, so {model} cannot be downloaded.\n"
         "    Using the offline tiny model instead: it runs every step, but its answers are random.\n"

@@ -105,8 +105,36 @@ class StepTimer:
 # the measurement of one backend (runs in a subprocess)
 
 
+def load_backend(backend: str, source: str, ov_dir: str | None, cache_dir: str | None) -> Any:
+    """Load one backend's model: PyTorch eager, or ``OVFlorence2Model`` compiled with ``cache_dir``."""
+    if backend == "pytorch":
+        from helpers.conversion import load_torch_model
+
+        return load_torch_model(Path(source))
+    from helpers.ov_model import OVFlorence2Model
+
+    _, ov_config, _ = OV_BACKENDS[backend]
+    return OVFlorence2Model(ov_dir, "CPU", ov_config, cache_dir=cache_dir)
+
+
+def time_loads(backend: str, source: str, ov_dir: str | None, cache_dir: str) -> dict:
+    """Load twice: the first load compiles (OpenVINO) or reads cold files; the second reads the compiled-model cache
+    (OpenVINO) or the OS page cache. Run in its own process, so loading twice never inflates a peak RSS."""
+    load_times = []
+    for _ in range(2):
+        gc.collect()
+        start = time.perf_counter()
+        model = load_backend(backend, source, ov_dir, cache_dir)
+        load_times.append(time.perf_counter() - start)
+        del model  # never hold two copies
+    return {"load_first_s": load_times[0], "load_second_s": load_times[1]}
+
+
 def measure_backend(backend: str, source: str, ov_dir: str | None, args: dict) -> dict:
-    """Load one backend and measure everything about it. Returns a JSON-able dict."""
+    """Load one backend and measure everything about it. Returns a JSON-able dict.
+
+    ``args["cache_dir"]`` is a compiled-model cache that :func:`time_loads` already filled (one load here, as a
+    user's second run does); without it, the load times are measured here too (in-process mode)."""
     import numpy as np
     import torch
     from transformers import AutoProcessor
@@ -122,35 +150,18 @@ def measure_backend(backend: str, source: str, ov_dir: str | None, args: dict) -
     rss_before = current_rss_mb()
 
     # ---- loading -----------------------------------------------------------------------------------------------
-    if backend == "pytorch":
-        from helpers.conversion import load_torch_model
-
-        load_times, model = [], None
-        for _ in range(2):  # the second load finds the files in the OS page cache
-            model = None  # never hold two copies: peak RSS must be one model's
-            gc.collect()
-            start = time.perf_counter()
-            model = load_torch_model(Path(source))
-            load_times.append(time.perf_counter() - start)
-        result["weights_mb"] = folder_mb(Path(source))
+    if args.get("cache_dir"):
+        model = load_backend(backend, source, ov_dir, args["cache_dir"])
     else:
-        from helpers.ov_model import OVFlorence2Model
-
-        _, ov_config, _ = OV_BACKENDS[backend]
-        cache_dir = Path(tempfile.mkdtemp(prefix="ov-compiled-cache-"))
-        load_times = []
+        cache_dir = tempfile.mkdtemp(prefix="ov-compiled-cache-")
         try:
-            for _ in range(2):  # first load compiles and fills the cache; the second reads the cache
-                model = None
-                gc.collect()
-                start = time.perf_counter()
-                model = OVFlorence2Model(ov_dir, "CPU", ov_config, cache_dir=cache_dir)
-                load_times.append(time.perf_counter() - start)
+            result.update(time_loads(backend, source, ov_dir, cache_dir))
+            model = load_backend(backend, source, ov_dir, cache_dir)
         finally:
             shutil.rmtree(cache_dir, ignore_errors=True)
-        result["weights_mb"] = folder_mb(Path(ov_dir))
+    result["weights_mb"] = folder_mb(Path(source if backend == "pytorch" else ov_dir))
+    if backend != "pytorch":
         result["ov_config"] = model.ov_config
-    result["load_first_s"], result["load_second_s"] = load_times
     result["rss_after_load_mb"] = current_rss_mb() - rss_before
 
     def inputs_for(task: str, images):
@@ -275,19 +286,30 @@ def prepare(model: str, formats: list[str], verbose: bool) -> tuple[str, dict[st
     return source, folders, seconds
 
 
-def run_worker(backend: str, source: str, ov_dir: str | None, args: dict, in_process: bool) -> dict:
-    if in_process:
-        return measure_backend(backend, source, ov_dir, args)
+def _subprocess(command_args: list[str], what: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        command = [
-            sys.executable, __file__, "--worker", backend, "--worker-source", source,
-            "--worker-ov-dir", ov_dir or "", "--worker-args", json.dumps(args), "--worker-out", str(out),
-        ]  # fmt: skip
+        command = [sys.executable, __file__, *command_args, "--worker-out", str(out)]
         completed = subprocess.run(command, capture_output=True, text=True)
         if completed.returncode != 0 or not out.exists():
-            raise RuntimeError(f"{backend} failed:\n{completed.stderr[-4000:]}")
+            raise RuntimeError(f"{what} failed:\n{completed.stderr[-4000:]}")
         return json.loads(out.read_text())
+
+
+def run_worker(backend: str, source: str, ov_dir: str | None, args: dict, in_process: bool) -> dict:
+    """Measure one backend: in this process, or in two fresh ones (load times, then everything else with one
+    load from the warm compiled-model cache, so the peak RSS is that of one loaded model, as a user sees it)."""
+    if in_process:
+        return measure_backend(backend, source, ov_dir, args)
+    cache_dir = tempfile.mkdtemp(prefix="ov-compiled-cache-")
+    try:
+        where = ["--worker", backend, "--worker-source", source, "--worker-ov-dir", ov_dir or ""]
+        loads = _subprocess([*where, "--worker-loads", cache_dir], f"{backend} (loading)")
+        worker_args = json.dumps({**args, "cache_dir": cache_dir})
+        result = _subprocess([*where, "--worker-args", worker_args], backend)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    return {**result, **loads}
 
 
 def token_agreement(reference: list[int], tokens: list[int]) -> float:
@@ -455,7 +477,7 @@ def run_benchmark(
         "settings": {
             "model": model, "source": source, "quick": quick, "new_tokens": new_tokens, "repeats": repeats,
             "batch_sizes": batch_sizes, "first_task": FIRST_TASK, "second_task": SECOND_TASK, "image": "grace_hopper",
-            "rss": "in-process: peak of the whole process" if in_process else "one subprocess per backend",
+            "rss": "in-process: peak of the whole process" if in_process else "one subprocess per backend, one load",
         },
         "machine": {
             "cpu": cpu_name(), "threads": os.cpu_count(), "python": platform.python_version(),
@@ -493,12 +515,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-source", help=argparse.SUPPRESS)
     parser.add_argument("--worker-ov-dir", help=argparse.SUPPRESS)
     parser.add_argument("--worker-args", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-loads", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     if options.worker:
-        result = measure_backend(
-            options.worker, options.worker_source, options.worker_ov_dir or None, json.loads(options.worker_args)
-        )
+        ov_dir = options.worker_ov_dir or None
+        if options.worker_loads:
+            result = time_loads(options.worker, options.worker_source, ov_dir, options.worker_loads)
+        else:
+            result = measure_backend(options.worker, options.worker_source, ov_dir, json.loads(options.worker_args))
         Path(options.worker_out).write_text(json.dumps(result))
         return 0
     model = options.model or ("tiny" if options.quick else "base-random")

@@ -4,7 +4,9 @@
 * :func:`model_from_env` / :func:`device_from_env` — the parameters cell of every notebook
   (``FLORENCE2_MODEL``, ``FLORENCE2_DEVICE``), so CI and offline classrooms can point all lessons at a local model;
 * :func:`ensure_converted` — convert into a cache folder (``FLORENCE2_MODELS_DIR``) the first time only;
-* :func:`load_model` — the converted model on a device, plus its processor.
+* :func:`load_model` — the converted model on a device, plus its processor;
+* :func:`model_kind` / :func:`model_kind_notice` — whether a lesson runs a real checkpoint, the teaching model or a
+  random-weight model, and the banner that says what that means for its answers.
 
 Taught in ``notebooks/01_select_model.ipynb``.
 """
@@ -16,6 +18,7 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 DEFAULT_MODEL = "florence-community/Florence-2-base-ft"
 DEFAULT_DEVICE = "AUTO"
@@ -27,6 +30,13 @@ BASE_RANDOM_MODEL = "base-random"
 #: ships in ``helpers/data/teaching-model`` (see :mod:`helpers.teaching`); real answers offline, on such scenes.
 TEACHING_MODEL = "teaching"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: What a lesson runs: a trained checkpoint, the teaching model (trained on shape scenes) or random weights.
+ModelKind = Literal["real", "teaching", "random"]
+#: Key in a model's ``config.json`` that marks the collection's own models: ``"teaching"`` (written by
+#: :func:`helpers.teaching.train.save_model`) or ``"random"`` (written by :mod:`helpers.tiny`). transformers keeps
+#: unknown config keys, so the mark survives ``save_pretrained`` and the conversion to OpenVINO.
+MODEL_KIND_KEY = "florence2_collection_kind"
 
 
 @dataclass(frozen=True)
@@ -175,3 +185,44 @@ def load_model(
     folder = ensure_converted(model_id_or_path, weight_format)
     model = OVFlorence2Model(folder, device=device, ov_config=ov_config, **model_kwargs)
     return model, AutoProcessor.from_pretrained(folder, trust_remote_code=False)
+
+
+def model_kind(model: Any) -> ModelKind:
+    """``"teaching"``, ``"random"`` or ``"real"`` for a loaded model (``OVFlorence2Model`` or PyTorch), its config,
+    or a model folder. Taught in ``notebooks/04_captioning.ipynb``.
+
+    Lessons use it to warn about random answers and to show the teaching model the scenes it knows. The mark in the
+    config decides; an unmarked model with a vocabulary under 10,000 tokens is a random tiny model built before the
+    mark existed (real checkpoints have about 51,000 tokens).
+    """
+    if isinstance(model, (str, Path)):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
+    else:
+        config = getattr(model, "config", model)
+    marked = getattr(config, MODEL_KIND_KEY, None)
+    if marked in ("teaching", "random"):
+        return marked
+    vocab_size = getattr(getattr(config, "text_config", None), "vocab_size", None)
+    return "random" if vocab_size is not None and vocab_size < 10_000 else "real"
+
+
+def model_kind_notice(kind: ModelKind) -> str:
+    """The banner a lesson prints under its model (empty for a real checkpoint). Taught in
+    ``notebooks/04_captioning.ipynb``."""
+    if kind == "random":
+        return (
+            "⚠️  Offline random-weight model: every answer in this lesson is noise (answers capped at 64 tokens).\n"
+            "    For real answers, set FLORENCE2_MODEL to a Florence-2 checkpoint (hub online, or a downloaded folder)."
+        )
+    if kind == "teaching":
+        from helpers.teaching.scenes import TEACHING_TASKS
+
+        return (
+            "ℹ️  Offline TEACHING model: a small Florence-2 trained in this repository on generated shape scenes.\n"
+            "    Its answers are meaningful on such scenes only, so this lesson shows it a held-out scene instead of\n"
+            f"    photos and documents. It was trained on {', '.join(TEACHING_TASKS)};\n"
+            "    other tasks give meaningless answers. For a real model, set FLORENCE2_MODEL to a Florence-2 checkpoint."
+        )
+    return ""

@@ -4,9 +4,13 @@ Every notebook needs pictures that are there offline, with a licence we can redi
 ``helpers/data/images/`` (sources and licences in ``helpers/data/images/LICENSES.md``):
 
 * real photos copied from packages already installed in the environment (matplotlib and scikit-learn sample data);
-* synthetic images drawn here with Pillow: text for OCR, a receipt, a scene of coloured shapes. They are
-  generated deterministically *and* saved, so nothing is generated at run time;
-  ``python -m helpers.samples --regenerate`` rewrites them after a generator changes.
+* synthetic images drawn here with Pillow: text for OCR, a receipt, a scene of coloured shapes, and one held-out
+  scene of the teaching model (:func:`teaching_scene`). They are generated deterministically *and* saved, so
+  nothing is generated at run time; ``python -m helpers.samples --regenerate`` rewrites them after a generator
+  changes.
+
+:func:`lesson_image` picks a lesson's picture for the model it runs: the teaching model (see
+:func:`helpers.models.model_kind`) only knows shape scenes, so it gets the teaching scene instead of a photo.
 
 Taught in ``notebooks/00_setup.ipynb`` (what ships and why) and used by every task notebook
 (``04_captioning`` to ``09_ocr``) to pick an input image.
@@ -18,8 +22,13 @@ import argparse
 from collections.abc import Callable, Sequence
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:  # helpers.teaching.scenes imports this module, so it is imported inside the functions
+    from helpers.models import ModelKind
+    from helpers.teaching.scenes import Scene
 
 #: Folder holding the shipped images (inside the installed package, so it works from any working directory).
 IMAGES_DIR: Path = Path(__file__).resolve().parent / "data" / "images"
@@ -32,6 +41,7 @@ SAMPLE_IMAGES: dict[str, str] = {
     "text": "text.png",
     "receipt": "receipt.png",
     "shapes": "shapes.png",
+    "teaching_scene": "teaching_scene.png",
 }
 
 #: Sample name -> one-line description (what the picture shows and which tasks it suits).
@@ -42,6 +52,8 @@ SAMPLE_DESCRIPTIONS: dict[str, str] = {
     "text": "Generated: lines of text in several fonts, sizes and colours (OCR, OCR with region).",
     "receipt": "Generated: a shop receipt with items, prices and a total (OCR, OCR with region, region to OCR).",
     "shapes": "Generated: coloured shapes on a sky and grass background (detection, grounding, segmentation).",
+    "teaching_scene": "Generated: a held-out teaching scene (never trained on) with three shapes and a word; what "
+    "the offline teaching model is shown instead of photos (captioning, detection, grounding, region, OCR).",
 }
 
 #: Shape scene size used by the shipped ``shapes.png``.
@@ -296,11 +308,67 @@ def shapes_scene_answer(size: tuple[int, int] = SHAPES_SCENE_SIZE) -> dict[str, 
     }
 
 
+#: The shipped teaching scene: scene ``TEACHING_SCENE_INDEX`` of the held-out stream
+#: (:data:`helpers.teaching.scenes.HELD_OUT_SEED`, never used in training). Picked because it has a purple triangle,
+#: a blue square, a red circle and the word "OPEN", and the shipped teaching model's ``<OD>`` and ``<CAPTION>``
+#: answers on it are right.
+TEACHING_SCENE_INDEX = 192
+
+
+def teaching_scene() -> Scene:
+    """The shipped ``teaching_scene`` sample with its exact ground truth (objects, word and their boxes), from the
+    scene generator :func:`helpers.teaching.scenes.make_scene`. Taught in ``notebooks/05_detection.ipynb``."""
+    from helpers.teaching.scenes import HELD_OUT_SEED, make_scene
+
+    return make_scene(HELD_OUT_SEED, TEACHING_SCENE_INDEX)
+
+
+def teaching_scene_answer() -> dict[str, list]:
+    """Ground truth of the teaching scene in the ``<OD>`` answer shape ``{'bboxes', 'labels'}``, left to right
+    (like :func:`shapes_scene_answer` for the shapes scene). Taught in ``notebooks/05_detection.ipynb``."""
+    from helpers.teaching.scenes import od_answer
+
+    return od_answer(teaching_scene())
+
+
+def lesson_sample(name: str, kind: ModelKind) -> str:
+    """The sample a lesson shows where it asks for ``name``, given the kind of model it runs
+    (:func:`helpers.models.model_kind`). Taught in ``notebooks/04_captioning.ipynb``.
+
+    Real and random models get ``name``. The teaching model only learned generated shape scenes, so on a photo,
+    a document or the star-and-ellipse shapes scene its answers would be meaningless: it gets the teaching scene,
+    and one printed line says so.
+    """
+    name = _check_name(name)
+    if kind != "teaching" or name == "teaching_scene":
+        return name
+    print(f"ℹ️  The teaching model knows only generated shape scenes, so it is shown the held-out teaching scene "
+          f"instead of {name!r}.")
+    return "teaching_scene"
+
+
+def lesson_image(name: str, kind: ModelKind) -> Image.Image:
+    """:func:`load_sample` of :func:`lesson_sample`: the picture a lesson shows a model of this kind. Taught in
+    ``notebooks/04_captioning.ipynb``."""
+    return load_sample(lesson_sample(name, kind))
+
+
+def lesson_sample_path(name: str, kind: ModelKind) -> Path:
+    """:func:`sample_path` of :func:`lesson_sample`, for the "Try it yourself" cells that take a file."""
+    return sample_path(lesson_sample(name, kind))
+
+
+def render_teaching_scene() -> Image.Image:
+    """The picture of :func:`teaching_scene` (the generator of the shipped ``teaching_scene.png``)."""
+    return teaching_scene().image
+
+
 #: Generated sample name -> generator (called with no arguments to produce the shipped file).
 GENERATORS: dict[str, Callable[[], Image.Image]] = {
     "text": render_text_image,
     "receipt": render_receipt,
     "shapes": render_shapes_scene,
+    "teaching_scene": render_teaching_scene,
 }
 
 
@@ -322,7 +390,7 @@ def regenerate_samples(output_dir: Path | str | None = None) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m helpers.samples [--regenerate [--output-dir DIR]]``: list the samples, or re-render generated ones."""
     parser = argparse.ArgumentParser(prog="python -m helpers.samples", description=__doc__.splitlines()[0])
-    parser.add_argument("--regenerate", action="store_true", help="rewrite the generated samples (text, receipt, shapes)")
+    parser.add_argument("--regenerate", action="store_true", help="rewrite the generated samples (text, receipt, shapes, teaching_scene)")
     parser.add_argument("--output-dir", type=Path, default=None, help=f"where to write them (default: {IMAGES_DIR})")
     args = parser.parse_args(argv)
     if args.regenerate:

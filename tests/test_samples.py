@@ -161,3 +161,42 @@ def test_module_entry_point(tmp_path: Path) -> None:
     assert "wrote" in result.stdout
     listing = subprocess.run([sys.executable, "-m", "helpers.samples"], capture_output=True, text=True, check=True)
     assert all(name in listing.stdout for name in SAMPLE_IMAGES)
+
+
+def test_teaching_scene_is_held_out_and_matches_its_ground_truth() -> None:
+    from helpers.teaching.scenes import HELD_OUT_SEED
+
+    scene = samples.teaching_scene()
+    assert scene.seed == HELD_OUT_SEED and scene.index == samples.TEACHING_SCENE_INDEX
+    assert scene.image.tobytes() == load_sample("teaching_scene").tobytes()
+    assert 2 <= len(scene.objects) <= 4 and scene.text is not None
+    truth = samples.teaching_scene_answer()
+    assert sorted(truth["labels"]) == sorted(o.label for o in scene.objects)
+    assert "held-out" in SAMPLE_DESCRIPTIONS["teaching_scene"]
+    # The lessons ask about these two by name on every kind of model (05, 06, 08).
+    assert {"red circle", "blue square"} <= set(truth["labels"])
+
+
+@pytest.mark.parametrize("name", list(SAMPLE_IMAGES))
+def test_lesson_image_keeps_the_sample_for_real_and_random_models(name: str, capsys: pytest.CaptureFixture) -> None:
+    for kind in ("real", "random"):
+        assert samples.lesson_sample(name, kind) == name
+        assert samples.lesson_image(name, kind).tobytes() == load_sample(name).tobytes()
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("name", ["grace_hopper", "pagoda", "flower", "text", "receipt", "shapes"])
+def test_lesson_image_shows_the_teaching_model_its_scene_and_says_why(name: str, capsys: pytest.CaptureFixture) -> None:
+    image = samples.lesson_image(name, "teaching")
+    assert image.tobytes() == load_sample("teaching_scene").tobytes()
+    said = capsys.readouterr().out
+    assert said.count("\n") == 1 and "teaching" in said and name in said
+    assert samples.lesson_sample_path(name, "teaching") == sample_path("teaching_scene")
+    capsys.readouterr()
+    assert samples.lesson_sample("teaching_scene", "teaching") == "teaching_scene"
+    assert capsys.readouterr().out == ""
+
+
+def test_lesson_image_refuses_unknown_names() -> None:
+    with pytest.raises(ValueError, match="grace_hopper"):
+        samples.lesson_image("lena", "teaching")

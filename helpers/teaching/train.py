@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from helpers.models import MODEL_KIND_KEY
 from helpers.teaching.scenes import (
     CATEGORIES,
     COLOURS,
@@ -501,6 +502,8 @@ def save_model(model, processor, output_dir: str | Path, *, training: dict | Non
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
+        # The mark lessons read with helpers.models.model_kind: this model knows shape scenes only.
+        setattr(model.config, MODEL_KIND_KEY, "teaching")
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         if training is not None:

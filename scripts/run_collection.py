@@ -5,8 +5,10 @@ This is what ``make run`` does:
 1. choose the model the notebooks use (``FLORENCE2_MODEL``):
    - the value of ``FLORENCE2_MODEL`` if you set it (a hub id or a local folder);
    - else ``florence-community/Florence-2-base-ft`` if the Hugging Face hub answers;
-   - else (hub unreachable, or ``HF_HUB_OFFLINE=1``) a tiny random-weight model built offline in
-     ``models/tiny-florence2`` — the notebooks then run end to end, but their answers are noise;
+   - else (hub unreachable, or ``HF_HUB_OFFLINE=1``) the teaching model shipped in ``helpers/data/teaching-model``,
+     trained here on generated shape scenes: the lessons then show it such a scene and its answers are real there
+     (if it is missing, a tiny random-weight model built offline in ``models/tiny-florence2``, whose answers are
+     noise);
 2. execute ``notebooks/NN_*.ipynb`` one after the other in fresh kernels started in ``notebooks/``;
 3. write each executed notebook to ``output/`` as ``.ipynb`` and ``.html``.
 
@@ -56,7 +58,8 @@ def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
 
 
 def choose_model() -> str:
-    """The model the notebooks will use; builds the offline tiny model if the hub cannot be reached."""
+    """The model the notebooks will use; the offline teaching model (else the tiny one) if the hub cannot be
+    reached."""
     chosen = os.environ.get("FLORENCE2_MODEL", "").strip()
     if chosen:
         print(f"Model: {chosen} (from FLORENCE2_MODEL)")
@@ -65,6 +68,18 @@ def choose_model() -> str:
     if reachable:
         print(f"Model: {DEFAULT_MODEL} (the Hugging Face hub is reachable)")
         return DEFAULT_MODEL
+    os.environ["HF_HUB_OFFLINE"] = "1"  # the kernels must not wait on the network either
+    from helpers.teaching import TEACHING_MODEL_DIR, teaching_model_available
+
+    if teaching_model_available():
+        print("=" * 100)
+        print(f"The Hugging Face hub is UNREACHABLE: {reason}.")
+        print(f"Using the offline TEACHING model instead: {TEACHING_MODEL_DIR}")
+        print("It was trained here on generated shape scenes: the lessons show it such a scene, where its boxes and")
+        print("captions are right; tasks it was not trained on give meaningless answers (each lesson says which).")
+        print("For a real model, run where the hub is reachable, or set FLORENCE2_MODEL to a downloaded model folder.")
+        print("=" * 100)
+        return "teaching"
     tiny_dir = REPO / "models" / "tiny-florence2"
     print("=" * 100)
     print(f"The Hugging Face hub is UNREACHABLE: {reason}.")
@@ -72,7 +87,6 @@ def choose_model() -> str:
     print("The notebooks run end to end, but every caption, box and mask they show is noise.")
     print("For real answers, run where the hub is reachable, or set FLORENCE2_MODEL to a downloaded model folder.")
     print("=" * 100)
-    os.environ["HF_HUB_OFFLINE"] = "1"  # the kernels must not wait on the network either
     from helpers.tiny import make_tiny_florence2  # imports torch and transformers: only when needed
 
     return str(make_tiny_florence2(tiny_dir))

@@ -4,6 +4,7 @@ Each module stands on its own (copy the one you need into your project):
 
 * :mod:`helpers.conversion` — ``convert_florence2``: PyTorch checkpoint → OpenVINO IR (02_convert)
 * :mod:`helpers.ov_model` — ``OVFlorence2Model``: OpenVINO inference with transformers' ``generate`` (02_convert)
+* :mod:`helpers.numpy_generation`, :mod:`helpers.numpy_postprocessing` — the same answers without torch (README)
 * :mod:`helpers.models` — checkpoints, ``load_model``: convert once, load anywhere (01_select_model)
 * :mod:`helpers.tasks` — the 15 tasks and ``run_task`` (04–09)
 * :mod:`helpers.plotting` — draw any answer on its image (04–09)

@@ -1,14 +1,14 @@
-"""Run a converted Florence-2 with OpenVINO, through transformers' own ``generate``.
+"""Run a converted Florence-2 with OpenVINO: ``OVFlorence2Model``, with or without torch.
 
-:class:`OVFlorence2Model` holds the compiled OpenVINO parts written by :func:`helpers.conversion.convert_florence2`
-and plugs them into transformers' ``GenerationMixin``: greedy search, beam search, sampling, logits processors
-and stopping criteria stay transformers' code, so OpenVINO output is the same as PyTorch's token for token (at f32
-precision). Only three things are ours:
+:class:`OVFlorence2Model` holds the compiled OpenVINO parts written by :func:`helpers.conversion.convert_florence2`:
+``encode`` runs image encoder → token embeddings → text encoder, ``decoder_step`` runs one decoder step whose K/V
+caches live in OpenVINO state. ``generate`` drives them with one of two generators:
 
-* ``_maybe_prepare_encoder_kwargs_for_generation`` runs image encoder → token embeddings → text encoder once;
-* ``forward`` runs one decoder step, whose K/V caches live in OpenVINO state;
-* :class:`OVDecoderState` is handed to transformers as "the cache"; beam search reorders it through
-  ``reorder_cache(beam_idx)``, which the decoder applies inside OpenVINO on the next step.
+* ``"transformers"`` (the default when torch is installed): transformers' own ``GenerationMixin.generate`` through
+  :mod:`helpers.ov_transformers_bridge`, so greedy search, beam search, sampling, logits processors and stopping
+  criteria are transformers' code and the output is PyTorch's token for token (at f32 precision);
+* ``"numpy"`` (the default without torch): :mod:`helpers.numpy_generation`, greedy and beam search with the same
+  tokens as transformers, for deployments that install ``requirements-inference.txt`` (no torch).
 
 Taught in ``notebooks/02_convert.ipynb`` (how it works) and ``notebooks/03_select_device.ipynb`` (devices).
 """
@@ -16,40 +16,37 @@ Taught in ``notebooks/02_convert.ipynb`` (how it works) and ``notebooks/03_selec
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import openvino as ov
-import torch
-from transformers import AutoConfig, GenerationConfig, GenerationMixin
-from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+from transformers import AutoConfig, GenerationConfig
 
+from helpers import numpy_generation
 from helpers.conversion import IncompleteConversionError, verify_conversion
+
+#: True when torch is installed: then transformers' ``generate`` is available and is the default generator.
+TORCH_AVAILABLE = importlib.util.find_spec("torch") is not None
+
+if TORCH_AVAILABLE:
+    from helpers.ov_transformers_bridge import OVDecoderState  # noqa: F401  (re-exported: it used to live here)
+    from helpers.ov_transformers_bridge import TransformersGeneration as _GenerationBase
+else:
+
+    class _GenerationBase:  # type: ignore[no-redef]
+        """Without torch there is no transformers ``generate``; ``OVFlorence2Model.generate`` uses numpy."""
+
+
+Generator = Literal["auto", "transformers", "numpy"]
 
 #: Settings that make OpenVINO reproduce PyTorch float32 exactly (this CPU otherwise runs bf16 and a u8 KV cache).
 EXACT_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
-
-
-class OVDecoderState:
-    """Stands in for transformers' cache object. The real K/V tensors stay inside the OpenVINO request; this
-    object only tracks the sequence length and the beam order to apply on the next decoder step."""
-
-    def __init__(self, owner: "OVFlorence2Model", batch_size: int) -> None:
-        self.owner = owner
-        self.seq_length = 0
-        self.beam_idx = np.arange(batch_size, dtype=np.int32)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seq_length
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        # Composed with any order not yet applied: the decoder gathers the state rows once, on its next step.
-        self.beam_idx = self.beam_idx[beam_idx.cpu().numpy()].astype(np.int32)
 
 
 class ImageFeatureCache:
@@ -113,11 +110,11 @@ def _check_device(core: ov.Core, device: str) -> None:
         )
 
 
-class OVFlorence2Model(GenerationMixin):
-    """A converted Florence-2 on an OpenVINO device, with transformers' ``generate``.
+class OVFlorence2Model(_GenerationBase):
+    """A converted Florence-2 on an OpenVINO device, with a transformers-style ``generate``.
 
     >>> model = OVFlorence2Model("models/Florence-2-base-ft/fp16", device="CPU")
-    >>> inputs = processor(text="<OD>", images=image, return_tensors="pt")
+    >>> inputs = processor(text="<OD>", images=image, return_tensors="np")  # or "pt"
     >>> ids = model.generate(**inputs, max_new_tokens=100)
 
     ``ov_config`` is passed to ``compile_model`` (e.g. :data:`EXACT_CONFIG` for bit-exact parity, or
@@ -126,17 +123,15 @@ class OVFlorence2Model(GenerationMixin):
     ``part_config`` overrides ``ov_config`` for one part (``"vision_encoder"``, ``"encoder"``, ``"decoder"``,
     ``"token_embeddings"``), e.g. ``{"decoder": {"INFERENCE_PRECISION_HINT": "f32"}}`` on CPUs where one-row bf16
     matmuls are slower than f32 (measure with ``benchmarks/benchmark.py``).
+    ``generation`` chooses who runs ``generate``: ``"transformers"`` (needs torch; returns a torch tensor),
+    ``"numpy"`` (:mod:`helpers.numpy_generation`: greedy and beam search only; returns a numpy int64 array) or
+    ``"auto"``: transformers when torch is installed, else numpy. ``generate(..., generation=...)`` overrides it.
 
     One instance runs one ``generate`` at a time: calls from several threads are serialised by a lock (they are
     correct, not parallel). Use one instance per thread for parallel work.
 
     Taught in ``notebooks/02_convert.ipynb``.
     """
-
-    main_input_name = "input_ids"
-    base_model_prefix = "model"
-    _is_stateful = True
-    _supports_cache_class = False
 
     def __init__(
         self,
@@ -147,7 +142,10 @@ class OVFlorence2Model(GenerationMixin):
         image_cache_size: int = 16,
         cache_dir: str | Path | None = "auto",
         part_config: dict[str, dict[str, Any]] | None = None,
+        generation: Generator = "auto",
     ) -> None:
+        self.generation = _check_generator(generation)
+        self._resolve_generator(None)  # fail at load, not at the first generate, if torch is needed but missing
         self.model_dir = Path(model_dir)
         self._check_folder()
         self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
@@ -281,39 +279,65 @@ class OVFlorence2Model(GenerationMixin):
             attention_mask = np.ones(input_ids.shape, dtype=np.int64)
         return self.ov_text_encoder([embeds, np.asarray(attention_mask, dtype=np.int64)])[0].copy()
 
-    # ---- what transformers' GenerationMixin needs ------------------------------------------------------------
+    def decoder_step(
+        self,
+        decoder_input_ids: np.ndarray,
+        encoder_hidden_states: np.ndarray,
+        encoder_attention_mask: np.ndarray,
+        beam_idx: np.ndarray,
+        *,
+        new_sequence: bool,
+    ) -> np.ndarray:
+        """One decoder step -> logits ``[rows, new tokens, vocab]``. The K/V cache stays in OpenVINO state: its rows
+        are first reordered by ``beam_idx`` (beam search), and ``new_sequence`` empties it."""
+        if new_sequence:
+            self.decoder_request.reset_state()
+        # share_inputs=False on purpose: with zero-copy inputs the CPU plugin (2026.4, default bf16) kept reading the
+        # encoder states of an earlier generate() call, so identical calls gave different answers (see
+        # tests/test_parity.py::test_repeated_calls_at_default_precision_give_the_same_answer). The copy is small.
+        self.decoder_request.infer(
+            {
+                "input_ids": np.ascontiguousarray(decoder_input_ids, dtype=np.int64),
+                "encoder_hidden_states": np.ascontiguousarray(encoder_hidden_states, dtype=np.float32),
+                "encoder_attention_mask": np.ascontiguousarray(encoder_attention_mask, dtype=np.int64),
+                "beam_idx": np.ascontiguousarray(beam_idx, dtype=np.int32),
+            },
+            share_inputs=False,
+        )
+        return self.decoder_request.get_tensor("logits").data.copy()
 
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
+    # ---- generate ----------------------------------------------------------------------------------------------
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
-
-    @classmethod
-    def can_generate(cls) -> bool:
-        return True
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # the cache lives in OpenVINO state; transformers must not build a torch one
-
-    def is_remote_code(self) -> bool:
-        return False
-
-    def get_experts_implementation(self) -> None:
-        return None
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Seq2SeqLMOutput:
-        return self.forward(*args, **kwargs)
-
-    def generate(self, input_ids=None, pixel_values=None, attention_mask=None, **generate_kwargs) -> torch.Tensor:
-        """transformers' ``generate`` on OpenVINO: pass the processor's outputs and any generation arguments
-        (``max_new_tokens``, ``num_beams``, ``do_sample``, ``no_repeat_ngram_size``, ``early_stopping`` …).
-        Defaults come from the model's saved generation config. Returns token ids for ``processor.batch_decode``."""
+    def generate(
+        self,
+        input_ids: Any = None,
+        pixel_values: Any = None,
+        attention_mask: Any = None,
+        *,
+        generation: Generator | None = None,
+        **generate_kwargs: Any,
+    ) -> Any:
+        """Generate answers: pass the processor's outputs (numpy or torch) and any generation arguments
+        (``max_new_tokens``, ``num_beams``, ``no_repeat_ngram_size``, ``early_stopping`` …); defaults come from the
+        model's saved generation config. Returns token ids for ``processor.batch_decode``: a torch tensor from
+        transformers' generate, a numpy int64 array from the numpy generator (see the class docstring)."""
         if input_ids is None:
             raise ValueError("generate() needs input_ids: pass the processor's output, e.g. model.generate(**inputs).")
+        self._check_lengths(generate_kwargs)
+        generator = self._resolve_generator(generation)
+        with self._lock:
+            if generator == "numpy":
+                return numpy_generation.generate(
+                    self,
+                    _to_numpy(input_ids),
+                    _to_numpy(pixel_values),
+                    _to_numpy(attention_mask),
+                    max_positions=getattr(self.config, "max_position_embeddings", None),  # as transformers reads it
+                    **generate_kwargs,
+                )
+            return self.transformers_generate(input_ids, pixel_values, attention_mask, **generate_kwargs)
+
+    def _check_lengths(self, generate_kwargs: dict[str, Any]) -> None:
         limit = getattr(self.config.text_config, "max_position_embeddings", None)
         for name, slack in (("max_new_tokens", 0), ("max_length", 1)):
             value = generate_kwargs.get(name)
@@ -323,89 +347,29 @@ class OVFlorence2Model(GenerationMixin):
                     f"{name}={value} is more than this model's {limit} decoder positions. Use {name} <= "
                     f"{limit + slack}."
                 )
-        with self._lock:
-            return super().generate(
-                input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **generate_kwargs
+
+    def _resolve_generator(self, generation: Generator | None) -> str:
+        choice = self.generation if generation is None else _check_generator(generation)
+        if choice == "auto":
+            return "transformers" if TORCH_AVAILABLE else "numpy"
+        if choice == "transformers" and not TORCH_AVAILABLE:
+            raise ValueError(
+                "generation='transformers' needs torch, which is not installed. Install it (pip install "
+                "torch==2.13.0) or use generation='numpy' (greedy and beam search)."
             )
+        return choice
 
-    def _maybe_prepare_encoder_kwargs_for_generation(
-        self, inputs_tensor: torch.Tensor, model_kwargs: dict, model_input_name: str | None, generation_config
-    ) -> dict:
-        if model_kwargs.get("encoder_outputs") is not None:
-            return model_kwargs
-        pixel_values = model_kwargs.pop("pixel_values", None)
-        attention_mask = model_kwargs.get("attention_mask")
-        hidden = self.encode(
-            inputs_tensor.cpu().numpy(),
-            None if pixel_values is None else pixel_values.float().cpu().numpy(),
-            None if attention_mask is None else attention_mask.cpu().numpy(),
-        )
-        model_kwargs["encoder_outputs"] = BaseModelOutput(last_hidden_state=torch.from_numpy(hidden))
-        return model_kwargs
 
-    def prepare_inputs_for_generation(
-        self,
-        input_ids: torch.LongTensor,
-        past_key_values: OVDecoderState | None = None,
-        attention_mask: torch.Tensor | None = None,
-        encoder_outputs: BaseModelOutput | None = None,
-        **kwargs: Any,
-    ) -> dict[str, Any]:
-        # The state already holds every earlier token: only the newest one is fed after the first step.
-        decoder_input_ids = input_ids if past_key_values is None else input_ids[:, past_key_values.seq_length :]
-        return {
-            "decoder_input_ids": decoder_input_ids,
-            "past_key_values": past_key_values,
-            "attention_mask": attention_mask,
-            "encoder_outputs": encoder_outputs,
-        }
+def _check_generator(generation: Any) -> Generator:
+    if generation not in ("auto", "transformers", "numpy"):
+        raise ValueError(f"generation must be 'auto', 'transformers' or 'numpy', got {generation!r}.")
+    return generation
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        decoder_input_ids: torch.LongTensor | None = None,
-        encoder_outputs: BaseModelOutput | None = None,
-        past_key_values: OVDecoderState | None = None,
-        **kwargs: Any,
-    ) -> Seq2SeqLMOutput:
-        """One decoder step. ``past_key_values=None`` starts a new sequence (resets the OpenVINO state)."""
-        if encoder_outputs is None:
-            if input_ids is None:
-                raise ValueError("forward() needs input_ids (and pixel_values) or encoder_outputs.")
-            encoder_outputs = BaseModelOutput(
-                last_hidden_state=torch.from_numpy(
-                    self.encode(
-                        input_ids.numpy(),
-                        None if pixel_values is None else pixel_values.float().numpy(),
-                        None if attention_mask is None else attention_mask.numpy(),
-                    )
-                )
-            )
-        hidden = encoder_outputs.last_hidden_state
-        if decoder_input_ids is None:
-            decoder_input_ids = torch.full((hidden.shape[0], 1), self.config.text_config.decoder_start_token_id)
-        if past_key_values is None:
-            self.decoder_request.reset_state()
-            past_key_values = OVDecoderState(self, decoder_input_ids.shape[0])
-        elif past_key_values.owner is not self:
-            raise ValueError("This cache belongs to another OVFlorence2Model; start a new generate() call.")
-        if attention_mask is None:
-            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long)
-        # share_inputs=False on purpose: with zero-copy inputs the CPU plugin (2026.4, default bf16) kept reading the
-        # encoder states of an earlier generate() call, so identical calls gave different answers (see
-        # tests/test_parity.py::test_repeated_calls_at_default_precision_give_the_same_answer). The copy is small.
-        self.decoder_request.infer(
-            {
-                "input_ids": np.ascontiguousarray(decoder_input_ids.numpy(), dtype=np.int64),
-                "encoder_hidden_states": np.ascontiguousarray(hidden.numpy(), dtype=np.float32),
-                "encoder_attention_mask": np.ascontiguousarray(attention_mask.numpy(), dtype=np.int64),
-                "beam_idx": past_key_values.beam_idx,
-            },
-            share_inputs=False,
-        )
-        logits = self.decoder_request.get_tensor("logits").data.copy()
-        past_key_values.seq_length += decoder_input_ids.shape[1]
-        past_key_values.beam_idx = np.arange(decoder_input_ids.shape[0], dtype=np.int32)
-        return Seq2SeqLMOutput(logits=torch.from_numpy(logits), past_key_values=past_key_values)
+
+def _to_numpy(value: Any) -> np.ndarray | None:
+    """Processor outputs as numpy: torch tensors (``return_tensors="pt"``) are converted, ``None`` stays."""
+    if value is None or isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "detach"):  # a torch tensor; torch is not imported for this
+        return value.detach().cpu().float().numpy() if value.is_floating_point() else value.detach().cpu().numpy()
+    return np.asarray(value)

@@ -5,7 +5,9 @@ token (``<OD>``), optionally followed by text (a phrase, or a region written as 
 module holds the task table, turns user input into valid prompts with helpful errors, loads images of any mode,
 converts pixel boxes to and from Florence-2's 1000-bin location tokens, and runs a task on *any* model object with
 a transformers-style ``generate`` (PyTorch ``Florence2ForConditionalGeneration`` or ``helpers.ov_model``'s
-``OVFlorence2Model``) — so the notebooks compare backends with the same code.
+``OVFlorence2Model``) — so the notebooks compare backends with the same code. torch is optional: with an
+``OVFlorence2Model`` the inputs are numpy arrays, and without torch the answers are parsed with
+:mod:`helpers.numpy_postprocessing` (same results).
 
 Taught in ``notebooks/04_captioning.ipynb`` (task table, ``run_task``, cascaded caption → grounding),
 ``05_detection.ipynb``, ``06_grounding.ipynb``, ``07_segmentation.ipynb``, ``08_region_understanding.ipynb``
@@ -16,8 +18,10 @@ Taught in ``notebooks/04_captioning.ipynb`` (task table, ``run_task``, cascaded 
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 import re
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +29,6 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
@@ -535,10 +538,32 @@ def _prepare_inputs(model: Any, inputs: Any) -> Any:
             f"The prompt is {length} tokens (image tokens included); this model's encoder holds {positions}. "
             "Shorten the text input."
         )
-    if isinstance(model, torch.nn.Module):
+    if _is_torch_module(model):
         # Only floating tensors change dtype, so pixel_values follow an fp16/bf16 model; ids stay integers.
         inputs = inputs.to(device=model.device, dtype=model.dtype)
     return inputs
+
+
+_TORCH_INSTALLED = importlib.util.find_spec("torch") is not None
+
+
+def _is_torch_module(model: Any) -> bool:
+    # A torch model means torch is already imported: look it up instead of importing it (it may not be installed).
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(model, torch.nn.Module)
+
+
+def _tensor_type(model: Any) -> str:
+    """What the processor should return: torch tensors for a PyTorch model, numpy arrays for anything else."""
+    return "pt" if _is_torch_module(model) else "np"
+
+
+def _post_process(processor: Any, text: str, task: str, image_size: tuple[int, int]) -> dict[str, Any]:
+    if not _TORCH_INSTALLED:
+        from helpers.numpy_postprocessing import use_numpy_post_processing
+
+        use_numpy_post_processing(processor)  # transformers' dequantize needs torch; this gives the same answers
+    return processor.post_process_generation(text, task=task, image_size=image_size)
 
 
 def _sequences(output: Any) -> list[list[int]]:
@@ -581,10 +606,10 @@ def run_task(
     picture = load_image(image)
     prompt = build_prompt(token, text_input, image_size=picture.size)
     kwargs = _generate_kwargs(model, generate_kwargs)
-    inputs = _prepare_inputs(model, processor(text=prompt, images=picture, return_tensors="pt"))
+    inputs = _prepare_inputs(model, processor(text=prompt, images=picture, return_tensors=_tensor_type(model)))
     ids = _sequences(model.generate(**inputs, **kwargs))
     text = processor.batch_decode(ids, skip_special_tokens=False)[0]
-    return processor.post_process_generation(text, task=token, image_size=picture.size)
+    return _post_process(processor, text, token, picture.size)
 
 
 def run_tasks_batch(
@@ -616,17 +641,16 @@ def run_tasks_batch(
             )
     prompts = [build_prompt(token, text, image_size=pic.size) for text, pic in zip(texts, pictures)]
     kwargs = _generate_kwargs(model, generate_kwargs)
-    inputs = _prepare_inputs(model, processor(text=prompts, images=pictures, return_tensors="pt", padding=True))
+    inputs = _prepare_inputs(
+        model, processor(text=prompts, images=pictures, return_tensors=_tensor_type(model), padding=True)
+    )
     eos_ids = _eos_ids(model, processor)
     rows = [_cut_after_eos(row, eos_ids) for row in _sequences(model.generate(**inputs, **kwargs))]
     if len(rows) != len(pictures):
         raise ValueError(f"generate returned {len(rows)} sequences for {len(pictures)} images; do not pass "
                          "num_return_sequences to run_tasks_batch.")  # fmt: skip
     texts_out = processor.batch_decode(rows, skip_special_tokens=False)
-    return [
-        processor.post_process_generation(text, task=token, image_size=pic.size)
-        for text, pic in zip(texts_out, pictures)
-    ]
+    return [_post_process(processor, text, token, pic.size) for text, pic in zip(texts_out, pictures)]
 
 
 def _find_cascade(name: str) -> CascadedTaskSpec | None:

@@ -1,0 +1,173 @@
+"""A deployment without torch gives the same answers as the full environment.
+
+Builds a virtual environment from ``requirements-inference.txt`` alone (cached under ``build/torch-free-venv/``,
+keyed by a hash of that file and the Python version; the first build took 20 s here with pip's wheel cache warm),
+checks that torch is not importable there, then runs all 15 tasks (beam search from the model's config, and
+greedy), one batch and one cascade in it on a tiny model converted here, and compares every answer with the one
+this environment (torch, transformers' generate and post-processing) gives for the same model and images.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from transformers import AutoProcessor
+
+from helpers.conversion import convert_florence2
+from helpers.ov_model import EXACT_CONFIG, OVFlorence2Model
+from helpers.tasks import TASKS, run_cascaded_task, run_task, run_tasks_batch
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIREMENTS = ROOT / "requirements-inference.txt"
+#: A text input for each kind of task (none, free text, region).
+EXAMPLE_TEXT = {
+    "none": None, "text": "a red car next to a green tree", "region": "<loc_100><loc_150><loc_600><loc_700>",
+}  # fmt: skip
+MAX_NEW_TOKENS = 24
+BATCH_TASK = "<CAPTION_TO_PHRASE_GROUNDING>"
+CASCADE = "<CAPTION> + <CAPTION_TO_PHRASE_GROUNDING>"
+
+#: Runs inside the torch-free venv: argv = model folder, image folder, output JSON.
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+    from helpers.ov_model import EXACT_CONFIG, OVFlorence2Model
+    from helpers.tasks import TASKS, run_cascaded_task, run_task, run_tasks_batch
+
+    model_dir, image_dir, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    spec = json.loads((image_dir / "spec.json").read_text())
+    model = OVFlorence2Model(model_dir, "CPU", EXACT_CONFIG, cache_dir=None)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    images = {name: Image.open(image_dir / name) for name in spec["images"]}
+    answers = {}
+    for task, text, image in spec["tasks"]:
+        for beams in (None, 1):
+            extra = {} if beams is None else {"num_beams": beams}
+            answers[f"{task} beams={beams}"] = run_task(
+                model, processor, images[image], task, text, max_new_tokens=spec["max_new_tokens"], **extra)
+    answers["batch"] = run_tasks_batch(model, processor, [images[n] for n in spec["batch_images"]], spec["batch_task"],
+                                       spec["batch_texts"], max_new_tokens=spec["max_new_tokens"])
+    answers["cascade"] = run_cascaded_task(model, processor, images[spec["images"][1]], spec["cascade"],
+                                           max_new_tokens=spec["max_new_tokens"])
+    pixels = processor(text="<OD>", images=images[spec["images"][0]], return_tensors="np")["pixel_values"]
+    np.save(out.with_suffix(".npy"), pixels)
+    result = {
+        "answers": answers,
+        "torch_imported": "torch" in sys.modules,
+        "generator": model._resolve_generator(None),
+        "image_processor": type(processor.image_processor).__name__,
+    }
+    out.write_text(json.dumps(result))
+    """
+)
+
+
+def venv_python(venv: Path) -> Path:
+    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def build_torch_free_venv() -> Path:
+    """The cached venv for the current requirements-inference.txt, built on first use (one builder at a time)."""
+    key = hashlib.sha256(REQUIREMENTS.read_bytes() + sys.version.encode()).hexdigest()[:12]
+    venv = ROOT / "build" / "torch-free-venv" / key
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (venv / ".ready").exists():
+            return venv
+        shutil.rmtree(venv, ignore_errors=True)  # a half-built venv from an interrupted run
+        started = time.monotonic()
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(venv_python(venv)), "-m", "pip", "install", "--quiet"]
+        subprocess.run([*pip, "-r", str(REQUIREMENTS)], check=True)
+        subprocess.run([*pip, "--no-deps", "-e", str(ROOT)], check=True)
+        (venv / ".ready").write_text(f"built in {time.monotonic() - started:.0f} s\n")
+    return venv
+
+
+@pytest.fixture(scope="module")
+def torch_free_venv() -> Path:
+    return build_torch_free_venv()
+
+
+def noise_image(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
+
+
+def normalised(value):
+    """JSON round trip: tuples become lists, exactly as the venv's answers arrive."""
+    return json.loads(json.dumps(value))
+
+
+def test_torch_is_not_importable_there(torch_free_venv: Path):
+    result = subprocess.run([str(venv_python(torch_free_venv)), "-c", "import torch"], capture_output=True, text=True)
+    assert result.returncode != 0 and "No module named 'torch'" in result.stderr
+
+
+def test_all_tasks_give_the_same_answers_without_torch(torch_free_venv: Path, tiny_model_dir: Path, tmp_path: Path):
+    model_dir = convert_florence2(tiny_model_dir, tmp_path / "ov", "fp32", verbose=False)
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    sizes = [(160, 120), (64, 64), (90, 300)]
+    names = []
+    for seed, size in enumerate(sizes):
+        names.append(f"noise{seed}.png")
+        noise_image(*size, seed=seed).save(image_dir / names[-1])
+    tasks = [(task, EXAMPLE_TEXT[s.text_kind], names[i % len(names)]) for i, (task, s) in enumerate(TASKS.items())]
+    spec = {
+        "images": names, "tasks": tasks, "max_new_tokens": MAX_NEW_TOKENS, "batch_task": BATCH_TASK,
+        "batch_images": names, "batch_texts": ["a car", "a red car next to a green tree", "trees"], "cascade": CASCADE,
+    }  # fmt: skip
+    (image_dir / "spec.json").write_text(json.dumps(spec))
+
+    out = tmp_path / "answers.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    run = subprocess.run(
+        [str(venv_python(torch_free_venv)), "-c", SCRIPT, str(model_dir), str(image_dir), str(out)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["torch_imported"] is False and result["generator"] == "numpy"
+
+    model = OVFlorence2Model(model_dir, "CPU", EXACT_CONFIG, cache_dir=None)  # transformers' generate here
+    processor = AutoProcessor.from_pretrained(model_dir)
+    images = {name: Image.open(image_dir / name) for name in names}
+    expected = {}
+    for task, text, image in tasks:
+        for beams in (None, 1):
+            extra = {} if beams is None else {"num_beams": beams}
+            expected[f"{task} beams={beams}"] = run_task(
+                model, processor, images[image], task, text, max_new_tokens=MAX_NEW_TOKENS, **extra
+            )
+    expected["batch"] = run_tasks_batch(
+        model, processor, [images[n] for n in names], BATCH_TASK, spec["batch_texts"], max_new_tokens=MAX_NEW_TOKENS
+    )
+    expected["cascade"] = run_cascaded_task(model, processor, images[names[1]], CASCADE, max_new_tokens=MAX_NEW_TOKENS)
+    assert len(result["answers"]) == 2 * len(TASKS) + 2
+    for key, answer in normalised(expected).items():
+        assert result["answers"][key] == answer, f"{key}: without torch {result['answers'][key]!r}, with {answer!r}"
+    located = [a for k, a in expected.items() if isinstance(a, dict) and any(isinstance(v, dict) for v in a.values())]
+    assert any(v for answer in located for part in answer.values() for v in part.values()), "no boxes were compared"
+
+    pixels = processor(text="<OD>", images=images[names[0]], return_tensors="np")["pixel_values"]
+    assert np.array_equal(np.load(out.with_suffix(".npy")), pixels), "the torch-free processor prepares other pixels"

@@ -222,7 +222,8 @@ def model_kind_notice(kind: ModelKind) -> str:
         return (
             "ℹ️  Offline TEACHING model: a small Florence-2 trained in this repository on generated shape scenes.\n"
             "    Its answers are meaningful on such scenes only, so this lesson shows it a held-out scene instead of\n"
-            f"    photos and documents. It was trained on {', '.join(TEACHING_TASKS)};\n"
-            "    other tasks give meaningless answers. For a real model, set FLORENCE2_MODEL to a Florence-2 checkpoint."
+            "    photos and documents. It was trained on these tasks only; other tasks give meaningless answers:\n"
+            f"    {' '.join(TEACHING_TASKS)}\n"
+            "    For a real model, set FLORENCE2_MODEL to a Florence-2 checkpoint (hub online, or a downloaded folder)."
         )
     return ""

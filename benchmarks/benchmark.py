@@ -198,9 +198,11 @@ def measure_backend(backend: str, source: str, ov_dir: str | None, args: dict) -
         result["encoder_s"], _ = timed(text_encoder, repeats)
 
         # ---- end-to-end generate, greedy and beam ------------------------------------------------------------
+        # Time every decoder call: PyTorch's forward, or the OpenVINO model's decoder_step (both generators use it).
         timer = StepTimer()
-        original_forward = model.forward
-        model.forward = timer.wrap(original_forward)
+        step_method = "forward" if backend == "pytorch" else "decoder_step"
+        original_step = getattr(model, step_method)
+        setattr(model, step_method, timer.wrap(original_step))
 
         def generate(num_beams: int, task_inputs=inputs, clear: bool = True):
             if clear:
@@ -228,7 +230,14 @@ def measure_backend(backend: str, source: str, ov_dir: str | None, args: dict) -
             # plus generate's Python work, without vision and encoder (which run before the first token)
             result[f"ms_per_token_{key}"] = 1000 * median(after_first)
             result[f"tokens_{key}"] = tokens[0].tolist()
-        model.forward = original_forward
+        setattr(model, step_method, original_step)
+        if backend != "pytorch":
+            # the same greedy run through transformers' generate, to show what the numpy decode loop saves
+            def transformers_greedy():
+                clear_image_cache()
+                return model.generate(**inputs, num_beams=1, generation="transformers", **gen)
+
+            result["generate_greedy_transformers_s"], _ = timed(transformers_greedy, repeats)
 
         # ---- a second task on the same image (the OpenVINO model caches image features) -----------------------
         second_inputs = inputs_for(SECOND_TASK, [image])

@@ -198,7 +198,7 @@ def model_kind(model: Any) -> ModelKind:
     if isinstance(model, (str, Path)):
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(model)
+        config = AutoConfig.from_pretrained(model, trust_remote_code=False)
     else:
         config = getattr(model, "config", model)
     marked = getattr(config, MODEL_KIND_KEY, None)

@@ -124,6 +124,18 @@ def resolve_generation_config(
     return config, has_default_max_length
 
 
+def supports(model_config: GenerationConfig, generation_config: GenerationConfig | None = None, **kwargs: Any) -> bool:
+    """True when this module implements the request (greedy or beam search with the supported settings).
+    Invalid values count as supported, so that :func:`generate` raises transformers' own message for them."""
+    try:
+        resolve_generation_config(model_config, generation_config, **kwargs)
+    except UnsupportedGenerationError:
+        return False
+    except ValueError:
+        return True
+    return True
+
+
 def _check_supported(config: GenerationConfig) -> None:
     if config.do_sample:
         raise UnsupportedGenerationError(_install_torch_hint("Sampling (do_sample=True)"))
@@ -239,10 +251,12 @@ def top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     forbidden tokens, the identical beams of the first step), whose order never reaches the returned tokens.
     """
     k = min(k, values.shape[-1])
+    # torch.topk ranks NaN above every number (a row of only -inf logits turns into NaN in log-softmax).
+    ranked = np.where(np.isnan(values), np.inf, values)
     # Partition finds the k-th largest value; every entry at least that large (ties included) is then sorted stably.
-    kth = -np.partition(-values, k - 1, axis=-1)[:, k - 1 : k]
+    kth = -np.partition(-ranked, k - 1, axis=-1)[:, k - 1 : k]
     indices = np.empty((values.shape[0], k), dtype=np.int64)
-    for row, (row_values, threshold) in enumerate(zip(values, kth)):
+    for row, (row_values, threshold) in enumerate(zip(ranked, kth)):
         candidates = np.flatnonzero(row_values >= threshold)
         order = np.argsort(-row_values[candidates], kind="stable")[:k]
         indices[row] = candidates[order]

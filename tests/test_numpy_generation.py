@@ -44,7 +44,9 @@ def both(model: OVFlorence2Model, inputs, **kwargs) -> tuple[np.ndarray, np.ndar
     """(transformers' tokens, numpy generator's tokens) for the same call."""
     expected = model.generate(**inputs, generation="transformers", **kwargs).numpy()
     actual = model.generate(**inputs, generation="numpy", **kwargs)
-    assert isinstance(actual, np.ndarray) and actual.dtype == np.int64
+    assert isinstance(actual, torch.Tensor), "torch inputs give a torch tensor back, whichever generator runs"
+    actual = actual.numpy()
+    assert actual.dtype == np.int64
     return expected, actual
 
 
@@ -74,7 +76,25 @@ def test_numpy_inputs_give_the_same_tokens(ov_model, tiny_processor):
                                    max_new_tokens=12)  # fmt: skip
     from_torch = ov_model.generate(**tiny_processor(text="<OD>", images=image, return_tensors="pt"), generation="numpy",
                                    max_new_tokens=12)  # fmt: skip
-    assert_same(from_torch, from_numpy, "np vs pt inputs")
+    assert isinstance(from_numpy, np.ndarray) and isinstance(from_torch, torch.Tensor)
+    assert_same(from_torch.numpy(), from_numpy, "np vs pt inputs")
+
+
+@pytest.mark.parametrize(
+    "kwargs, generator",
+    [({"num_beams": 3}, "numpy"), ({"num_beams": 1}, "numpy"), ({"do_sample": True}, "transformers"),
+     ({"output_scores": True, "return_dict_in_generate": True}, "transformers")],
+)
+def test_auto_takes_numpy_when_it_can_and_transformers_otherwise(kwargs, generator, ov_model, tiny_processor, monkeypatch):
+    """The default generator is numpy (faster) for greedy and beam search; sampling and scores go to transformers."""
+    from helpers import numpy_generation
+
+    calls = []
+    real_generate = numpy_generation.generate
+    monkeypatch.setattr(numpy_generation, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    inputs = tiny_processor(text="<OD>", images=noise_image(64, 64, 0), return_tensors="pt")
+    ov_model.generate(**inputs, max_new_tokens=4, **kwargs)
+    assert bool(calls) == (generator == "numpy"), (kwargs, calls)
 
 
 @pytest.mark.parametrize(
@@ -205,6 +225,18 @@ def test_log_softmax_and_top_k_follow_torch():
     reference = torch.topk(values, 6)
     assert np.array_equal(top_values, reference.values.numpy())
     assert np.array_equal(top_indices, reference.indices.numpy())
+
+
+def test_top_k_ranks_nan_first_like_torch():
+    """A row of only -inf logits becomes NaN after log-softmax; torch.topk ranks NaN first, and so must we
+    (found by the soak test at default precision: an empty candidate list crashed the beam search)."""
+    values = np.array([[0.5, np.nan, -np.inf, 2.0, np.nan], [-np.inf] * 5], dtype=np.float32)
+    values[1] = log_softmax(values[1:2])[0]  # all NaN
+    top_values, top_indices = top_k(values, 3)
+    reference = torch.topk(torch.from_numpy(values), 3)
+    assert np.isnan(top_values[0, :2]).all() and top_values[0, 2] == 2.0 and top_indices[0, 2] == 3
+    assert set(top_indices[0, :2]) == set(reference.indices[0, :2].tolist()) == {1, 4}
+    assert np.isnan(top_values[1]).all() and len(set(top_indices[1])) == 3
 
 
 # ---- post-processing without torch ----------------------------------------------------------------------------

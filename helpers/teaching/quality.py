@@ -252,8 +252,8 @@ def load_backend(model_dir: str | Path, backend: str, *, cache_dir: Path | None 
 
         if threads:
             torch.set_num_threads(threads)
-        model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
-        return model, AutoProcessor.from_pretrained(model_dir)
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=False).eval()
+        return model, AutoProcessor.from_pretrained(model_dir, trust_remote_code=False)
     from helpers.conversion import convert_florence2, is_converted
     from helpers.models import converted_dir
     from helpers.ov_model import EXACT_CONFIG, OVFlorence2Model
@@ -270,7 +270,7 @@ def load_backend(model_dir: str | Path, backend: str, *, cache_dir: Path | None 
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     model = OVFlorence2Model(folder, device="CPU", ov_config=config)
-    return model, AutoProcessor.from_pretrained(folder)
+    return model, AutoProcessor.from_pretrained(folder, trust_remote_code=False)
 
 
 def measure(

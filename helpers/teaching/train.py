@@ -525,8 +525,8 @@ def train_teaching_model(output_dir: str | Path, config: TrainConfig, *, log=pri
     if config.init_from:  # a second round: continue from a trained model (its processor comes along)
         from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
-        model = Florence2ForConditionalGeneration.from_pretrained(config.init_from)
-        processor = AutoProcessor.from_pretrained(config.init_from)
+        model = Florence2ForConditionalGeneration.from_pretrained(config.init_from, trust_remote_code=False)
+        processor = AutoProcessor.from_pretrained(config.init_from, trust_remote_code=False)
         model.generation_config = teaching_generation_config()
     else:
         model, processor = build_model(config.seed)

@@ -59,13 +59,14 @@ def test_json_is_written_and_matches_the_report(report):
 def test_every_backend_has_every_measured_field(report):
     n = report["settings"]["new_tokens"]
     for backend, result in report["results"].items():
-        for field in [*TIMES, *STEP_TIMES, "ms_per_token_greedy", "peak_rss_mb", "weights_mb"]:
+        for field in [*TIMES, *STEP_TIMES, "ms_per_token_greedy", "peak_rss_mb", "peak_rss_one_image_mb", "weights_mb"]:
             assert _finite_positive(result[field]), f"{backend}.{field} = {result.get(field)!r}"
         # (no comparisons between separately timed runs here: on a busy machine any one of them can be slow)
         # generation was forced to exactly n new tokens: decoder start + n
         assert len(result["tokens_greedy"]) == len(result["tokens_beam3"]) == n + 1
         assert result["steps_greedy"] == n
         assert result["peak_rss_mb"] > 50  # python + torch alone are more than that
+        assert result["peak_rss_one_image_mb"] <= result["peak_rss_mb"]  # a peak cannot shrink later
         for size in report["settings"]["batch_sizes"]:
             batch = result["batch"][str(size)]
             assert _finite_positive(batch["seconds"]) and batch["images_per_s"] == pytest.approx(size / batch["seconds"])

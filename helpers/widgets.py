@@ -28,7 +28,8 @@ import ipywidgets as widgets
 
 from helpers.conversion import WEIGHT_FORMATS
 from helpers import models
-from helpers.models import CHECKPOINTS, DEFAULT_MODEL, TINY_MODEL, device_from_env, model_from_env
+from helpers.models import CHECKPOINTS, DEFAULT_MODEL, TEACHING_MODEL, TINY_MODEL, device_from_env, model_from_env
+from helpers.teaching import teaching_model_available
 
 if TYPE_CHECKING:  # openvino is imported only when a device selector is built
     import openvino as ov
@@ -78,7 +79,8 @@ def _checkpoint_label(hub_id: str) -> str:
 
 
 def model_selector(default: str | None = None) -> widgets.Dropdown:
-    """A dropdown of the four Florence-2 checkpoints plus ``"tiny"`` (the offline random-weight model).
+    """A dropdown of the four Florence-2 checkpoints plus the offline models that need no download: ``"teaching"``
+    (trained here on shape scenes, shipped with the package) and ``"tiny"`` (random weights).
 
     ``default`` (``None``: ``FLORENCE2_MODEL``, else Florence-2-base-ft) is selected. A local folder, a hub id
     ``owner/name`` or another offline model :func:`helpers.models.resolve_model` knows by name (``"base-random"``)
@@ -89,6 +91,8 @@ def model_selector(default: str | None = None) -> widgets.Dropdown:
     Taught in ``notebooks/01_select_model.ipynb``.
     """
     options = [(_checkpoint_label(hub_id), hub_id) for hub_id in CHECKPOINTS]
+    if teaching_model_available():
+        options.append((_NAMED_MODEL_LABELS[TEACHING_MODEL], TEACHING_MODEL))
     options.append(("tiny: built offline, random weights (answers are noise)", TINY_MODEL))
     wanted = str(default).strip() if default is not None else ""
     wanted = wanted or model_from_env()

@@ -42,11 +42,11 @@ def _check_widget(widget: ipywidgets.Dropdown) -> None:
 # ---- model ---------------------------------------------------------------------------------------------------
 
 
-def test_model_selector_default_lists_checkpoints_and_tiny(no_env):
+def test_model_selector_default_lists_checkpoints_teaching_and_tiny(no_env):
     widget = model_selector()
     _check_widget(widget)
     assert widget.value == DEFAULT_MODEL
-    assert _values(widget) == [*CHECKPOINTS, TINY_MODEL]
+    assert _values(widget) == [*CHECKPOINTS, "teaching", TINY_MODEL]  # the teaching model ships with the package
     for label, value in widget.options:
         if value in CHECKPOINTS:
             assert value.split("/")[-1] in label and f"{CHECKPOINTS[value].parameters_millions / 1000:.2f} B" in label
@@ -57,6 +57,8 @@ def test_model_selector_takes_default_from_env(no_env):
     assert model_selector().value == "florence-community/Florence-2-large"
     no_env.setenv("FLORENCE2_MODEL", "tiny")
     assert model_selector().value == TINY_MODEL
+    no_env.setenv("FLORENCE2_MODEL", "teaching")
+    assert model_selector().value == "teaching"
 
 
 def test_model_selector_explicit_default_beats_env(no_env):
@@ -71,21 +73,21 @@ def test_model_selector_adds_local_folder_from_env(no_env, tmp_path: Path):
     widget = model_selector()
     _check_widget(widget)
     assert widget.value == str(folder)
-    assert _values(widget) == [*CHECKPOINTS, TINY_MODEL, str(folder)], "the folder is added once, after the list"
+    assert _values(widget) == [*CHECKPOINTS, "teaching", TINY_MODEL, str(folder)], "the folder is added once, after the list"
     assert "my-florence" in widget.label
 
 
 def test_model_selector_adds_unlisted_hub_id(no_env):
     widget = model_selector("someone/Florence-2-base-finetuned-docs")
     assert widget.value == "someone/Florence-2-base-finetuned-docs"
-    assert len(widget.options) == len(CHECKPOINTS) + 2
+    assert len(widget.options) == len(CHECKPOINTS) + 3
 
 
 def test_model_selector_accepts_base_random_from_env(no_env):
     no_env.setenv("FLORENCE2_MODEL", BASE_RANDOM_MODEL)
     widget = model_selector()
     assert widget.value == BASE_RANDOM_MODEL
-    assert _values(widget) == [*CHECKPOINTS, TINY_MODEL, BASE_RANDOM_MODEL]
+    assert _values(widget) == [*CHECKPOINTS, "teaching", TINY_MODEL, BASE_RANDOM_MODEL]
 
 
 def test_model_selector_accepts_every_named_offline_model(no_env):

@@ -51,6 +51,11 @@ Generator = Literal["auto", "transformers", "numpy"]
 #: Settings that make OpenVINO reproduce PyTorch float32 exactly (this CPU otherwise runs bf16 and a u8 KV cache).
 EXACT_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
 
+#: What the decoder gets unless ``ov_config``/``part_config`` say otherwise. The CPU plugin's default u8 KV cache
+#: (OpenVINO 2026.4) gave non-finite logits in about one load in three once beam search reordered the cache
+#: (tests/test_parity.py::test_beam_search_logits_stay_finite_at_default_precision); f16 never did, at the same speed.
+DECODER_DEFAULTS = {"KV_CACHE_PRECISION": "f16"}
+
 
 class ImageFeatureCache:
     """A small LRU cache of image features keyed by the pixel values' bytes: asking a second task about the same
@@ -208,7 +213,13 @@ class OVFlorence2Model(_GenerationBase):
         self.core.set_property({"CACHE_DIR": str(cache_dir)})
 
     def _compile(self, model: ov.Model | str | Path, part: str) -> ov.CompiledModel:
-        return self.core.compile_model(model, self.device_name, {**self.ov_config, **self.part_config.get(part, {})})
+        return self.core.compile_model(model, self.device_name, self.compile_config(part))
+
+    def compile_config(self, part: str) -> dict[str, Any]:
+        """The settings ``part`` is compiled with: :data:`DECODER_DEFAULTS` (decoder, not on NPU), then ``ov_config``,
+        then ``part_config[part]``; later ones win."""
+        defaults = DECODER_DEFAULTS if part == "decoder" and "NPU" not in self.device_name else {}
+        return {**defaults, **self.ov_config, **self.part_config.get(part, {})}
 
     def _compile_all(self) -> None:
         # Compiling from a path lets OpenVINO use its compiled-model cache; only compiled models are kept in memory.

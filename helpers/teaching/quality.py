@@ -16,7 +16,8 @@ is new to the model (the vocabulary of shapes, colours and words is the same). M
   the right phrase at IoU ≥ 0.5;
 * ``ocr_region`` — ``<OCR_WITH_REGION>``: share of words read exactly *and* boxed at IoU ≥ 0.5.
 
-OpenVINO runs with the CPU plugin's defaults (on CPUs with bf16 support that means bf16 compute and a u8 KV cache),
+OpenVINO runs with the CPU plugin's defaults (on CPUs with bf16 support that means bf16 compute; the KV cache is
+f16, :data:`helpers.ov_model.DECODER_DEFAULTS`),
 because that is what a user gets; ``--exact`` switches to f32 for a like-for-like comparison of weights only.
 Taught in ``notebooks/12_fine_tune.ipynb``.
 """
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED)
     parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated: pytorch,fp16,int8")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where converted models go (default: model cache)")
-    parser.add_argument("--exact", action="store_true", help="OpenVINO in f32 (no bf16 compute, no u8 KV cache)")
+    parser.add_argument("--exact", action="store_true", help="OpenVINO in f32 (no bf16 compute, f32 KV cache)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for PyTorch and OpenVINO (default 1)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-beams", type=int, default=None, help="override the model's beam count")

@@ -72,7 +72,7 @@ SCRIPT = textwrap.dedent(
     result = {
         "answers": answers,
         "torch_imported": "torch" in sys.modules,
-        "generator": model._resolve_generator(None),
+        "generator": model._resolve_generator(None, {}),
         "image_processor": type(processor.image_processor).__name__,
     }
     out.write_text(json.dumps(result))

@@ -101,14 +101,15 @@ class TransformersGeneration(GenerationMixin):
         if model_kwargs.get("encoder_outputs") is not None:
             return model_kwargs
         pixel_values = model_kwargs.pop("pixel_values", None)
-        attention_mask = model_kwargs.get("attention_mask")
-        hidden = self.encode(
-            inputs_tensor.cpu().numpy(),
-            None if pixel_values is None else pixel_values.float().cpu().numpy(),
-            None if attention_mask is None else attention_mask.cpu().numpy(),
-        )
-        model_kwargs["encoder_outputs"] = BaseModelOutput(last_hidden_state=torch.from_numpy(hidden))
+        model_kwargs["encoder_outputs"] = self._encode_tensors(inputs_tensor, pixel_values, model_kwargs.get("attention_mask"))
         return model_kwargs
+
+    def _encode_tensors(self, input_ids: Any, pixel_values: Any, attention_mask: Any) -> BaseModelOutput:
+        """``encode`` (vision → embeddings → text encoder, in OpenVINO) on torch inputs, as transformers expects it."""
+        from helpers.ov_model import _to_numpy  # here, not at the top: helpers.ov_model imports this module
+
+        hidden = self.encode(_to_numpy(input_ids), _to_numpy(pixel_values), _to_numpy(attention_mask))
+        return BaseModelOutput(last_hidden_state=torch.from_numpy(hidden))
 
     def prepare_inputs_for_generation(
         self,
@@ -141,15 +142,7 @@ class TransformersGeneration(GenerationMixin):
         if encoder_outputs is None:
             if input_ids is None:
                 raise ValueError("forward() needs input_ids (and pixel_values) or encoder_outputs.")
-            encoder_outputs = BaseModelOutput(
-                last_hidden_state=torch.from_numpy(
-                    self.encode(
-                        input_ids.numpy(),
-                        None if pixel_values is None else pixel_values.float().numpy(),
-                        None if attention_mask is None else attention_mask.numpy(),
-                    )
-                )
-            )
+            encoder_outputs = self._encode_tensors(input_ids, pixel_values, attention_mask)
         hidden = encoder_outputs.last_hidden_state
         if decoder_input_ids is None:
             decoder_input_ids = torch.full((hidden.shape[0], 1), self.config.text_config.decoder_start_token_id)

@@ -279,6 +279,40 @@ def measure_backend(backend: str, source: str, ov_dir: str | None, args: dict) -
     return result
 
 
+def measure_deployed_memory(backend: str, source: str, ov_dir: str | None, args: dict) -> dict:
+    """Peak RSS of a process that does only what a user's script does with one image: load the model once (warm
+    compiled-model cache), then ``<OD>`` greedy, ``<OD>`` with 3 beams and ``<CAPTION>`` on the same image.
+
+    Run for OpenVINO in the torch-free environment (``scripts/torch_free_venv.py``) when it is available, because a
+    deployment needs no torch and importing it (transformers does, when it is installed) costs ≈300 MB; PyTorch
+    runs in the main environment. Nothing here imports torch unless the backend is PyTorch."""
+    import contextlib
+
+    from transformers import AutoProcessor
+
+    from helpers.samples import load_sample
+
+    no_grad = contextlib.nullcontext()
+    if backend == "pytorch":
+        import torch
+
+        torch.set_num_threads(args["threads"])
+        no_grad = torch.no_grad()
+    processor = AutoProcessor.from_pretrained(source)
+    model = load_backend(backend, source, ov_dir, args.get("cache_dir"))
+    image = load_sample("grace_hopper")
+    n = args["new_tokens"]
+    with no_grad:
+        for task, beams in ((FIRST_TASK, 1), (FIRST_TASK, 3), (SECOND_TASK, 1)):
+            inputs = processor(text=[task], images=[image], return_tensors="pt" if backend == "pytorch" else "np")
+            model.generate(**inputs, num_beams=beams, min_new_tokens=n, max_new_tokens=n, do_sample=False)
+    return {
+        "deployed_peak_rss_mb": peak_rss_mb(),
+        "deployed_torch_imported": "torch" in sys.modules,
+        "deployed_python": sys.executable,
+    }
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # orchestration
 
@@ -298,19 +332,22 @@ def prepare(model: str, formats: list[str], verbose: bool) -> tuple[str, dict[st
     return source, folders, seconds
 
 
-def _subprocess(command_args: list[str], what: str) -> dict:
+def _subprocess(command_args: list[str], what: str, python: str = sys.executable) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        command = [sys.executable, __file__, *command_args, "--worker-out", str(out)]
+        command = [python, __file__, *command_args, "--worker-out", str(out)]
         completed = subprocess.run(command, capture_output=True, text=True)
         if completed.returncode != 0 or not out.exists():
             raise RuntimeError(f"{what} failed:\n{completed.stderr[-4000:]}")
         return json.loads(out.read_text())
 
 
-def run_worker(backend: str, source: str, ov_dir: str | None, args: dict, in_process: bool) -> dict:
-    """Measure one backend: in this process, or in two fresh ones (load times, then everything else with one
-    load from the warm compiled-model cache, so the peak RSS is that of one loaded model, as a user sees it)."""
+def run_worker(
+    backend: str, source: str, ov_dir: str | None, args: dict, in_process: bool, deploy_python: str = sys.executable
+) -> dict:
+    """Measure one backend: in this process, or in three fresh ones (load times; everything else with one load
+    from the warm compiled-model cache, so the peak RSS is that of one loaded model; and the deployed memory, with
+    OpenVINO in ``deploy_python``)."""
     if in_process:
         return measure_backend(backend, source, ov_dir, args)
     cache_dir = tempfile.mkdtemp(prefix="ov-compiled-cache-")
@@ -319,9 +356,24 @@ def run_worker(backend: str, source: str, ov_dir: str | None, args: dict, in_pro
         loads = _subprocess([*where, "--worker-loads", cache_dir], f"{backend} (loading)")
         worker_args = json.dumps({**args, "cache_dir": cache_dir})
         result = _subprocess([*where, "--worker-args", worker_args], backend)
+        python = sys.executable if backend == "pytorch" else deploy_python
+        deployed = _subprocess([*where, "--worker-args", worker_args, "--worker-deployed"], f"{backend} (deployed)", python)
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
-    return {**result, **loads}
+    return {**result, **loads, **deployed}
+
+
+def torch_free_python(verbose: bool) -> str:
+    """The torch-free environment's interpreter (built on first use), or this one if it cannot be built."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from torch_free_venv import build_torch_free_venv, venv_python
+
+    try:
+        return str(venv_python(build_torch_free_venv()))
+    except (OSError, subprocess.CalledProcessError) as error:  # e.g. pip has no network and no cached wheels
+        if verbose:
+            print(f"  (no torch-free environment: {error}; deployed memory is measured with torch importable)")
+        return sys.executable
 
 
 def token_agreement(reference: list[int], tokens: list[int]) -> float:
@@ -345,11 +397,14 @@ def add_ratios(results: dict[str, dict]) -> dict[str, dict]:
             "peak_rss": r["peak_rss_mb"] / torch_result["peak_rss_mb"],
             "peak_rss_one_image": r["peak_rss_one_image_mb"] / torch_result["peak_rss_one_image_mb"],
             "second_task_vs_first": r["first_task_s"] / r["second_task_s"],
+            "second_task_vs_pytorch": torch_result["second_task_s"] / r["second_task_s"],
             "second_task_ttft_vs_first": r["first_task_ttft_s"] / r["second_task_ttft_s"],
             "load_first_vs_second": r["load_first_s"] / r["load_second_s"],
             "token_agreement_greedy": token_agreement(torch_result["tokens_greedy"], r["tokens_greedy"]),
             "token_agreement_beam3": token_agreement(torch_result["tokens_beam3"], r["tokens_beam3"]),
         }
+        if "deployed_peak_rss_mb" in r and "deployed_peak_rss_mb" in torch_result:
+            ratios[backend]["peak_rss_deployed"] = r["deployed_peak_rss_mb"] / torch_result["deployed_peak_rss_mb"]
     return ratios
 
 
@@ -358,8 +413,18 @@ TARGETS = {
     "greedy ≥4.0× (INT8)": lambda ratios: ratios["ov-int8"]["generate_greedy"] >= 4.0,
     "beam 3 ≥3.0× (default precision)": lambda ratios: ratios["ov-default"]["generate_beam3"] >= 3.0,
     "second task ≥10× faster than first (default, end-to-end)": lambda ratios: ratios["ov-default"]["second_task_vs_first"] >= 10,
-    "INT8 peak RSS ≤60% of PyTorch (one image per call)": lambda ratios: ratios["ov-int8"]["peak_rss_one_image"] <= 0.60,
+    "INT8 peak RSS ≤60% of PyTorch (one image per call, each as deployed)": (
+        lambda ratios: ratios["ov-int8"].get("peak_rss_deployed", ratios["ov-int8"]["peak_rss_one_image"]) <= 0.60
+    ),
 }
+
+
+def _deployed_rss(r: dict) -> str:
+    """The deployed process's peak RSS, marked when torch was imported in it although OpenVINO does not need it."""
+    if "deployed_peak_rss_mb" not in r:
+        return "–"
+    marker = " (torch)" if r["deployed_torch_imported"] and r["backend"] != "pytorch" else ""
+    return f"{r['deployed_peak_rss_mb']:.0f}{marker}"
 
 
 def format_table(report: dict) -> str:
@@ -367,7 +432,7 @@ def format_table(report: dict) -> str:
     n = report["settings"]["new_tokens"]
     header = (
         f"| backend | vision s | encoder s | decode step ms | greedy {n} tok s | beam3 {n} tok s | 2nd task s "
-        "| load 1st/2nd s | peak RSS MB (1 image / all) | IR/weights MB | tokens = PyTorch |"
+        "| load 1st/2nd s | peak RSS MB (deployed / 1 image / all) | IR/weights MB | tokens = PyTorch |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for backend, r in results.items():
@@ -375,17 +440,23 @@ def format_table(report: dict) -> str:
         lines.append(
             f"| {r['description']} | {r['vision_s']:.3f} | {r['encoder_s']:.3f} | {r['decode_step_greedy_ms']:.1f} "
             f"| {r['generate_greedy_s']:.2f} | {r['generate_beam3_s']:.2f} | {r['second_task_s']:.2f} "
-            f"| {r['load_first_s']:.1f}/{r['load_second_s']:.1f} | {r['peak_rss_one_image_mb']:.0f} / {r['peak_rss_mb']:.0f} | {r['weights_mb']:.0f} "
+            f"| {r['load_first_s']:.1f}/{r['load_second_s']:.1f} "
+            f"| {_deployed_rss(r)} / {r['peak_rss_one_image_mb']:.0f} / {r['peak_rss_mb']:.0f} | {r['weights_mb']:.0f} "
             f"| {q['token_agreement_greedy']:.0%} / {q['token_agreement_beam3']:.0%} |"
         )
     lines += ["", "Ratios against PyTorch FP32 in the same run (speed-up >1 is faster; RSS <1 is smaller):", ""]
-    header = "| backend | greedy | beam3 | vision | encoder | decode step | 2nd task vs 1st (e2e / TTFT) | peak RSS (1 image / all) |"
+    header = (
+        "| backend | greedy | beam3 | vision | encoder | decode step | 2nd task vs own 1st (e2e / TTFT) "
+        "| 2nd task vs PyTorch's | peak RSS (deployed / 1 image / all) |"
+    )
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for backend, q in ratios.items():
+        deployed = f"{q['peak_rss_deployed']:.0%}" if "peak_rss_deployed" in q else "–"
         lines.append(
             f"| {backend} | {q['generate_greedy']:.2f}× | {q['generate_beam3']:.2f}× | {q['vision']:.2f}× "
             f"| {q['encoder']:.2f}× | {q['decode_step']:.2f}× | {q['second_task_vs_first']:.2f}× / "
-            f"{q['second_task_ttft_vs_first']:.1f}× | {q['peak_rss_one_image']:.0%} / {q['peak_rss']:.0%} |"
+            f"{q['second_task_ttft_vs_first']:.1f}× | {q['second_task_vs_pytorch']:.1f}× "
+            f"| {deployed} / {q['peak_rss_one_image']:.0%} / {q['peak_rss']:.0%} |"
         )
     batch_backends = [b for b in results if results[b].get("batch")]
     if batch_backends:
@@ -476,12 +547,13 @@ def run_benchmark(
         print(f"Preparing {model} ({', '.join(formats)}) …", flush=True)
     source, folders, convert_seconds = prepare(model, formats, verbose)
     args = {"new_tokens": new_tokens, "repeats": repeats, "threads": os.cpu_count() or 1, "batch_sizes": batch_sizes}
+    deploy_python = sys.executable if in_process else torch_free_python(verbose)
     results = {}
     for backend in backends:
         if verbose:
             print(f"Measuring {backend} …", flush=True)
         ov_dir = str(folders[OV_BACKENDS[backend][0]]) if backend in OV_BACKENDS else None
-        results[backend] = run_worker(backend, source, ov_dir, args, in_process)
+        results[backend] = run_worker(backend, source, ov_dir, args, in_process, deploy_python)
         if verbose:
             r = results[backend]
             print(f"  greedy {r['generate_greedy_s']:.2f} s, beam3 {r['generate_beam3_s']:.2f} s, "
@@ -530,11 +602,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-args", help=argparse.SUPPRESS)
     parser.add_argument("--worker-loads", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-deployed", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     if options.worker:
         ov_dir = options.worker_ov_dir or None
         if options.worker_loads:
             result = time_loads(options.worker, options.worker_source, ov_dir, options.worker_loads)
+        elif options.worker_deployed:
+            args = json.loads(options.worker_args)
+            result = measure_deployed_memory(options.worker, options.worker_source, ov_dir, args)
         else:
             result = measure_backend(options.worker, options.worker_source, ov_dir, json.loads(options.worker_args))
         Path(options.worker_out).write_text(json.dumps(result))

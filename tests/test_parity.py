@@ -134,6 +134,36 @@ def test_second_task_on_same_image_reuses_image_features(tiny_processor, tiny_ov
     assert len(off.image_cache) == 0
 
 
+def test_releasing_vision_memory_keeps_every_answer(tiny_processor, tiny_ov_dir):
+    """The vision encoder's buffers are freed after each call by default: later images must not see stale data."""
+    kept = OVFlorence2Model(tiny_ov_dir, "CPU", EXACT_CONFIG, image_cache_size=0, release_vision_memory=False)
+    released = OVFlorence2Model(tiny_ov_dir, "CPU", EXACT_CONFIG, image_cache_size=0)
+    assert released.release_vision_memory and not kept.release_vision_memory
+    images = [noise_image(120, 90, seed) for seed in (21, 22, 23)]
+    pixel_batches = [tiny_processor(text="<OD>", images=image, return_tensors="np")["pixel_values"] for image in images]
+    pixel_batches.append(np.concatenate(pixel_batches[:2]))  # a batch after single images: other buffer shapes
+    for pixels in [*pixel_batches, pixel_batches[0]]:
+        np.testing.assert_array_equal(released.image_features(pixels), kept.image_features(pixels))
+
+
+def test_fast_davit_layout_computes_what_transformers_computes(tiny_torch_model):
+    """The conversion traces DaViT's blocks with rewritten layout switches; they must compute the same features."""
+    from transformers.models.florence2 import modeling_florence2 as florence2
+
+    from helpers.conversion import _fast_davit_layout
+
+    original = florence2.Florence2VisionSpatialBlock.forward
+    pixels = torch.randn(2, 3, 768, 768, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = tiny_torch_model.get_image_features(pixels).pooler_output
+        with pytest.raises(KeyboardInterrupt), _fast_davit_layout():
+            assert florence2.Florence2VisionSpatialBlock.forward is not original
+            rewritten = tiny_torch_model.get_image_features(pixels).pooler_output
+            raise KeyboardInterrupt  # an interrupted conversion must restore transformers' classes too
+    assert florence2.Florence2VisionSpatialBlock.forward is original
+    torch.testing.assert_close(rewritten, expected, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "variant",
     [{"image_size": 384, "large_style": True, "seed": 3}, {"image_size": 512, "large_style": False, "seed": 11}],

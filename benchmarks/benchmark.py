@@ -67,7 +67,16 @@ def timed(fn, repeats: int) -> tuple[float, Any]:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+    """This process's peak resident memory. Linux's ``VmHWM``, not ``ru_maxrss``: a child started by fork + exec
+    inherits its parent's ``ru_maxrss``, so a worker spawned by a large parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no /proc: may include the parent's peak
 
 
 def current_rss_mb() -> float:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,13 @@ def test_deployed_memory_is_measured_without_torch_for_openvino(separate_process
     expected = ov["deployed_peak_rss_mb"] / results["pytorch"]["deployed_peak_rss_mb"]
     assert separate_process_report["ratios"]["ov-int8"]["peak_rss_deployed"] == pytest.approx(expected)
     assert "(torch)" not in separate_process_report["table"]
+
+
+def test_a_worker_reports_its_own_peak_memory_not_its_parents(benchmark):
+    """Workers are started from this (large) process; their peak must be their own (ru_maxrss is inherited)."""
+    ballast = bytearray(300 * 2**20)
+    ballast[:: 4096] = b"x" * len(range(0, len(ballast), 4096))  # touch every page: 300 MB resident
+    parent_mb = benchmark.current_rss_mb()
+    script = f"import importlib.util as u; s = u.spec_from_file_location('b', {str(BENCHMARK)!r}); m = u.module_from_spec(s); s.loader.exec_module(m); print(m.peak_rss_mb())"
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert float(child.stdout) < parent_mb / 2, f"child peak {child.stdout.strip()} MB, parent {parent_mb:.0f} MB"

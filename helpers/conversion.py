@@ -489,13 +489,21 @@ def make_decoder_stateful(ov_model, past_names: list[str], present_names: list[s
     for cross_name in cross_names:
         result = outputs[cross_name].get_node()
         producer = result.input_value(0)
-        var = variable(cross_name, producer)
-        read = ops.read_value(producer, var)
-        for consumer in list(producer.get_target_inputs()):
-            if consumer.get_node() not in (read.node if hasattr(read, "node") else read, result):
+        consumers = [c for c in producer.get_target_inputs() if c.get_node() is not result]
+        attention = [c.get_node() for c in consumers if c.get_node().get_type_name() == "ScaledDotProductAttention"]
+        keys_transposed = cross_name.endswith(".key") and len(attention) == len(consumers) > 0
+        # Keys are stored as [batch, heads, head_dim, source] when only attention reads them: the CPU plugin
+        # would otherwise scale and transpose every layer's keys again at every step (27 % of a decoder step).
+        initial = ops.transpose(producer, ops.constant([0, 1, 3, 2], ov.Type.i64)) if keys_transposed else producer
+        var = variable(cross_name, initial.output(0) if keys_transposed else producer)
+        read = ops.read_value(initial, var)
+        if keys_transposed:
+            for node in attention:
+                _attend_with_transposed_keys(node, read.output(0))
+        else:
+            for consumer in consumers:
                 consumer.replace_source_output(read.output(0))
-        assign = ops.assign(read, var)
-        sinks.append(assign)
+        sinks.append(ops.assign(read, var))
         results_to_remove.append(result)
 
     for result in results_to_remove:
@@ -505,6 +513,34 @@ def make_decoder_stateful(ov_model, past_names: list[str], present_names: list[s
     ov_model.add_parameters([beam_idx])
     ov_model.add_sinks(sinks)
     ov_model.validate_nodes_and_infer_types()
+
+
+def _attend_with_transposed_keys(attention, keys_transposed) -> None:
+    """Replace one ``ScaledDotProductAttention`` node (query, key, value[, mask[, scale]]) by the same computation
+    on keys already stored as [batch, heads, head_dim, source]: ``softmax(query @ keys_t * scale + mask) @ value``,
+    with a boolean mask meaning "attend" where true (OpenVINO's and PyTorch's convention)."""
+    import numpy as np
+    from openvino import opset13 as ops
+
+    if attention.get_attributes().get("causal"):
+        raise ConversionError("Cross-attention is never causal; this decoder is not a Florence-2 decoder.")
+    query, value = attention.input_value(0), attention.input_value(2)
+    scores = ops.matmul(query, keys_transposed, False, False)
+    if attention.get_input_size() > 4:
+        scale = attention.input_value(4)
+    else:  # the default scale: 1 / sqrt(head_dim)
+        scale = ops.constant(np.float32(1.0 / np.sqrt(query.get_partial_shape()[-1].get_length())))
+    scores = ops.multiply(scores, ops.convert_like(scale, scores))
+    if attention.get_input_size() > 3:
+        mask = attention.input_value(3)
+        if mask.get_element_type().is_real():
+            scores = ops.add(scores, ops.convert_like(mask, scores))
+        else:
+            minus_inf = ops.convert_like(ops.constant(np.float32(-np.inf)), scores)
+            zero = ops.convert_like(ops.constant(np.float32(0.0)), scores)
+            scores = ops.add(scores, ops.select(mask, zero, minus_inf))
+    output = ops.matmul(ops.softmax(scores, -1), value, False, False)
+    attention.output(0).replace(output.output(0))
 
 
 # --------------------------------------------------------------------------------------------------------------

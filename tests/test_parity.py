@@ -230,6 +230,21 @@ def test_beam_search_logits_stay_finite_at_default_precision(tiny_processor, tin
         assert not any(non_finite), f"load {load}: non-finite logits in decoder steps {non_finite}"
 
 
+def test_cross_attention_keys_are_stored_transposed(tiny_ov_dir: Path):
+    """Cross-attention keys live in state as [batch, heads, head_dim, source], so no step transposes them again
+    (the parity tests above check that the rewritten attention still gives PyTorch's tokens)."""
+    import openvino as ov
+
+    decoder = ov.Core().read_model(tiny_ov_dir / "decoder.xml")
+    reads = {op.get_attributes()["variable_id"]: op for op in decoder.get_ordered_ops() if op.get_type_name() == "ReadValue"}
+    cross_keys = [read for name, read in reads.items() if name.startswith("past_cross.") and name.endswith(".key")]
+    assert cross_keys, "no cross-attention key state in the decoder"
+    for read in cross_keys:
+        assert read.input_value(0).get_node().get_type_name() == "Transpose"
+        consumers = {target.get_node().get_type_name() for target in read.output(0).get_target_inputs()}
+        assert consumers == {"Assign", "MatMul"}, consumers
+
+
 def test_tied_embedding_is_stored_once(tiny_model_dir: Path, tiny_ov_dir: Path):
     """The fp32 IR holds every weight exactly once: no larger than the safetensors checkpoint (which stores the
     tied embedding / output projection once) plus a little graph metadata."""

@@ -43,6 +43,10 @@ import numpy as np
 MANIFEST_NAME = "manifest.json"
 #: Bump when the IR layout changes; folders written with another layout version are reconverted.
 LAYOUT_VERSION = 1
+#: Bump when the converter writes faster graphs with the same inputs, outputs and answers. Older folders still load;
+#: :func:`helpers.models.ensure_converted` reconverts them when it can. 2: DaViT layout rewrite, transposed
+#: cross-attention keys (``benchmarks/README.md``).
+GRAPH_VERSION = 2
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
 IR_PARTS = ("vision_encoder", "encoder", "decoder")
 #: Names of the decoder's OpenVINO state variables (``past_self.{layer}.key`` …) start with these.
@@ -609,6 +613,7 @@ def write_manifest(folder: Path, source: str, weight_format: str) -> dict:
     }
     manifest = {
         "layout_version": LAYOUT_VERSION,
+        "graph_version": GRAPH_VERSION,
         "source": source,
         "weight_format": weight_format,
         "versions": _versions(),
@@ -696,6 +701,11 @@ def _estimate_bytes(folder: Path, weight_format: str) -> int:
     factor = {"fp32": 1.0, "fp16": 0.5, "int8": 0.3, "int4": 0.2}[weight_format]
     # the IR is written to a temporary folder first; a margin covers the processor files and NNCF's scratch.
     return int(weights * factor * 1.2) + 10_000_000
+
+
+def graph_version(output_dir: str | Path) -> int:
+    """The :data:`GRAPH_VERSION` a folder was converted with (1 for folders written before it was recorded)."""
+    return int(read_manifest(output_dir).get("graph_version", 1))
 
 
 def is_converted(output_dir: str | Path, source: str | None = None, weight_format: str | None = None) -> bool:

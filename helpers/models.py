@@ -161,13 +161,28 @@ def converted_dir(model_id_or_path: str, weight_format: str) -> Path:
 
 def ensure_converted(model_id_or_path: str, weight_format: str = "fp16", *, overwrite: bool = False) -> Path:
     """Convert ``model_id_or_path`` into the cache the first time; later calls return the cached folder."""
-    from helpers.conversion import convert_florence2, is_converted
+    from helpers.conversion import GRAPH_VERSION, convert_florence2, graph_version, is_converted
 
     model = resolve_model(model_id_or_path)
     folder = converted_dir(model, weight_format)
     if not overwrite and is_converted(folder, weight_format=weight_format):
+        if graph_version(folder) < GRAPH_VERSION:
+            return _upgrade_conversion(model, folder, weight_format)
         return folder  # the folder name already identifies the source (see _slug), even after a move
     return convert_florence2(model, folder, weight_format, overwrite=overwrite)
+
+
+def _upgrade_conversion(model: str, folder: Path, weight_format: str) -> Path:
+    """Reconvert a folder written by an older converter (same answers, slower graphs); keep it when the source is
+    out of reach (offline, deleted). The conversion is atomic, so a failed attempt leaves the old folder intact."""
+    from helpers.conversion import ConversionError, convert_florence2
+
+    print(f"ℹ️  {folder} was converted by an older version of this collection; converting again for speed …")
+    try:
+        return convert_florence2(model, folder, weight_format, overwrite=True)
+    except (ConversionError, OSError) as error:
+        print(f"    Could not ({error}). Using the older conversion: same answers, somewhat slower.")
+        return folder
 
 
 def load_model(

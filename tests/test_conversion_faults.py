@@ -455,3 +455,42 @@ def test_converted_model_still_answers_after_a_rerun(tmp_path, reference, reuse_
         for folder in (converted, output)
     ]
     assert answers[0].tolist() == answers[1].tolist()
+
+
+# ------------------------------------------------------------------------------------------------ older converters
+
+
+def _older_conversion(reference: tuple[Path, Path], source: Path, models_dir: Path) -> Path:
+    """A complete conversion of ``source`` as an older converter left it: no ``graph_version`` in its manifest."""
+    from helpers.models import converted_dir
+
+    folder = converted_dir(str(source), "fp32")
+    shutil.copytree(reference[1], folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["graph_version"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert conversion.graph_version(folder) == 1
+    return folder
+
+
+def test_an_older_conversion_is_converted_again_when_the_source_is_there(reference, tmp_path, monkeypatch, capsys):
+    from helpers.models import ensure_converted
+
+    monkeypatch.setenv("FLORENCE2_MODELS_DIR", str(tmp_path / "models"))
+    folder = _older_conversion(reference, reference[0], tmp_path / "models")
+    assert ensure_converted(str(reference[0]), "fp32") == folder
+    assert conversion.graph_version(folder) == conversion.GRAPH_VERSION
+    verify_conversion(folder)
+    assert "converted by an older version" in capsys.readouterr().out
+
+
+def test_an_older_conversion_is_kept_when_the_source_is_gone(reference, tmp_path, monkeypatch, capsys):
+    from helpers.models import ensure_converted
+
+    monkeypatch.setenv("FLORENCE2_MODELS_DIR", str(tmp_path / "models"))
+    source = tmp_path / "deleted-source"
+    folder = _older_conversion(reference, source, tmp_path / "models")
+    assert ensure_converted(str(source), "fp32") == folder
+    assert conversion.graph_version(folder) == 1  # untouched, still loads
+    verify_conversion(folder)
+    assert "Using the older conversion" in capsys.readouterr().out

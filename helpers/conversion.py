@@ -446,7 +446,8 @@ def make_decoder_stateful(ov_model, past_names: list[str], present_names: list[s
       ``Assign``.
     * Cross-attention: K/V depend only on the encoder output. Each becomes a ``ReadValue`` initialised from the
       projection of ``encoder_hidden_states``; the CPU plugin evaluates that initialiser only when the state is
-      reset (first step of a request), later steps read the stored value.
+      reset (first step of a request), later steps read the stored value. Keys are stored transposed, as the
+      attention's matrix product reads them (:func:`_attend_with_transposed_keys`).
     """
     import openvino as ov
     from openvino import opset13 as ops

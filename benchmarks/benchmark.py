@@ -366,7 +366,8 @@ def run_worker(
         worker_args = json.dumps({**args, "cache_dir": cache_dir})
         result = _subprocess([*where, "--worker-args", worker_args], backend)
         python = sys.executable if backend == "pytorch" else deploy_python
-        deployed = _subprocess([*where, "--worker-args", worker_args, "--worker-deployed"], f"{backend} (deployed)", python)
+        deployed_args = [*where, "--worker-args", worker_args, "--worker-deployed"]
+        deployed = _subprocess(deployed_args, f"{backend} (deployed)", python)
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     return {**result, **loads, **deployed}

@@ -499,8 +499,10 @@ def make_decoder_stateful(ov_model, past_names: list[str], present_names: list[s
         keys_transposed = cross_name.endswith(".key") and len(attention) == len(consumers) > 0
         # Keys are stored as [batch, heads, head_dim, source] when only attention reads them: the CPU plugin
         # would otherwise scale and transpose every layer's keys again at every step (27 % of a decoder step).
-        initial = ops.transpose(producer, ops.constant([0, 1, 3, 2], ov.Type.i64)) if keys_transposed else producer
-        var = variable(cross_name, initial.output(0) if keys_transposed else producer)
+        initial = producer
+        if keys_transposed:
+            initial = ops.transpose(producer, ops.constant([0, 1, 3, 2], ov.Type.i64)).output(0)
+        var = variable(cross_name, initial)
         read = ops.read_value(initial, var)
         if keys_transposed:
             for node in attention:
@@ -524,7 +526,6 @@ def _attend_with_transposed_keys(attention, keys_transposed) -> None:
     """Replace one ``ScaledDotProductAttention`` node (query, key, value[, mask[, scale]]) by the same computation
     on keys already stored as [batch, heads, head_dim, source]: ``softmax(query @ keys_t * scale + mask) @ value``,
     with a boolean mask meaning "attend" where true (OpenVINO's and PyTorch's convention)."""
-    import numpy as np
     from openvino import opset13 as ops
 
     if attention.get_attributes().get("causal"):

@@ -86,7 +86,10 @@ def _is_local(model_id_or_path: str | Path) -> bool:
 
 
 def check_model_folder(folder: Path) -> None:
-    """Refuse folders that are not a native-layout Florence-2, before any long work starts."""
+    """Refuse folders that are not a Florence-2 this collection can read, before any long work starts.
+
+    Two layouts are read: transformers' native one (``florence-community/Florence-2-*``) and the original one
+    (``microsoft/Florence-2-*`` and most fine-tunes, mapped as data by :mod:`helpers.original_layout`)."""
     if not folder.is_dir():
         raise ConversionError(f"{folder} is not a folder. Pass a Florence-2 folder or a hub id.")
     config_file = folder / "config.json"
@@ -108,17 +111,24 @@ def check_model_folder(folder: Path) -> None:
             f"{folder} holds a '{config.get('model_type')}' model, not Florence-2 (model_type 'florence2'). "
             "Use a florence-community/Florence-2-* checkpoint."
         )
+    from helpers.original_layout import is_original_layout, weight_files
+
+    if is_original_layout(folder):
+        weight_files(folder)  # its Python files are never imported; only the weights must be there
+        return
     if _has_auto_map(folder) or any(folder.glob("*.py")):
-        # Remote-code layout (microsoft/Florence-2-*): we never execute code shipped with a model.
+        # Remote code that is not the original Florence-2 layout: we never execute code shipped with a model.
         raise ConversionError(
-            f"{folder} is a remote-code Florence-2 (it ships Python code / an auto_map). This collection never runs "
-            "code from a model folder. Use the native checkpoints florence-community/Florence-2-* instead."
+            f"{folder} ships Python code / an auto_map but is neither transformers' native Florence-2 nor the "
+            "original (microsoft/Florence-2-*) layout, so it needs its own code to load. This collection never runs "
+            "code from a model folder. Use a native florence-community/Florence-2-* checkpoint or an original-layout "
+            "fine-tune."
         )
     if not any(folder.glob("*.safetensors")):
         raise ConversionError(
-            f"{folder} has no .safetensors weights. Only safetensors are loaded: pickle files (pytorch_model.bin) "
-            "can run code when loaded. Use a florence-community/Florence-2-* checkpoint (they ship "
-            "model.safetensors), or convert trusted .bin weights yourself with the safetensors library."
+            f"{folder} has no .safetensors weights. Only safetensors are loaded from native-layout folders: pickle "
+            "files (pytorch_model.bin) can run code when loaded. Use a florence-community/Florence-2-* checkpoint "
+            "(they ship model.safetensors), or convert trusted .bin weights yourself with the safetensors library."
         )
 
 
@@ -159,16 +169,24 @@ def resolve_source(model_id_or_path: str | Path) -> Path:
             f"'{model_id}' is neither an existing folder nor a hub id of the form owner/name "
             "(e.g. florence-community/Florence-2-base-ft). Check the path, or pass a hub id."
         )
+    folder = _download(model_id, ["*.json", "*.safetensors", "*.txt", "*.model"])
+    from helpers.original_layout import is_original_layout
+
+    if is_original_layout(folder) and not any(folder.glob("*.safetensors")):
+        # Original-layout repositories (microsoft/Florence-2-*) may ship only pickle weights; they are read with
+        # torch.load(weights_only=True). Python files are never downloaded.
+        folder = _download(model_id, ["pytorch_model*.bin", "pytorch_model.bin.index.json"])
+    check_model_folder(folder)
+    return folder
+
+
+def _download(model_id: str, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        folder = Path(
-            snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
-        )
+        return Path(snapshot_download(model_id, allow_patterns=patterns))
     except Exception as error:  # offline, unknown repo, network: all answered the same way
         raise _hub_error(model_id, error) from error
-    check_model_folder(folder)
-    return folder
 
 
 def load_torch_model(folder: Path):
@@ -699,10 +717,14 @@ def _check_writable(output_dir: Path, need_bytes: int) -> None:
 
 
 def _estimate_bytes(folder: Path, weight_format: str) -> int:
-    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    from helpers.original_layout import is_original_layout
+
+    weights = sum(p.stat().st_size for p in (*folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin")))
     factor = {"fp32": 1.0, "fp16": 0.5, "int8": 0.3, "int4": 0.2}[weight_format]
+    # An original-layout folder is first rewritten in the native layout (float32 at most twice its size on disk).
+    native_copy = 2 * weights if is_original_layout(folder) else 0
     # the IR is written to a temporary folder first; a margin covers the processor files and NNCF's scratch.
-    return int(weights * factor * 1.2) + 10_000_000
+    return int(weights * factor * 1.2) + native_copy + 10_000_000
 
 
 def graph_version(output_dir: str | Path) -> int:
@@ -775,7 +797,8 @@ def convert_florence2(
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-{os.getpid()}-", dir=output_dir.parent))
     _make_shareable(staging)  # mkdtemp makes 0700 folders; a shared kit or cache must be readable
     try:
-        _convert_into(folder, staging, weight_format, verbose)
+        with _native_layout(folder, staging, verbose) as native_folder:
+            _convert_into(native_folder, staging, weight_format, verbose)
         write_manifest(staging, source, weight_format)
         _replace_folder(staging, output_dir)
     finally:
@@ -783,6 +806,24 @@ def convert_florence2(
     if verbose:
         print(f"✅ {source} converted to {output_dir} ({weight_format})")
     return output_dir
+
+
+@contextlib.contextmanager
+def _native_layout(folder: Path, staging: Path, verbose: bool) -> Iterator[Path]:
+    """``folder`` itself when it is native; else its native rewrite (:mod:`helpers.original_layout`), in a folder
+    inside ``staging`` that is deleted afterwards (a killed run's staging is cleaned up by the next one)."""
+    from helpers.original_layout import convert_to_native, is_original_layout
+
+    if not is_original_layout(folder):
+        yield folder
+        return
+    native = staging / ".native-layout"
+    try:
+        with _step(f"Mapping {folder.name} from the original Florence-2 layout (as data, no code run)", verbose):
+            convert_to_native(folder, native, verbose=verbose)
+        yield native
+    finally:
+        shutil.rmtree(native, ignore_errors=True)
 
 
 def _check_not_source(output_dir: Path, source_folder: Path) -> None:

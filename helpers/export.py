@@ -9,9 +9,10 @@
 * :func:`answer_instances` — the common step: any box/polygon/OCR answer as a flat list of instances.
 
 Florence-2 coordinates are pixels ``(x1, y1, x2, y2)``; COCO wants ``[x, y, width, height]``. Model output is
-untrusted (a small model may write x2 < x1), so corners are sorted; polygons with fewer than three points cannot
-be drawn or measured and are left out (counted in ``info["skipped_instances"]`` when nothing of an instance is
-left). Text answers (captions, plain OCR) have no instances and are skipped.
+untrusted (a small model may write x2 < x1), so corners are sorted; polygons with fewer than three points and
+shapes without area (a box with x1 == x2, points on one line) cannot be drawn or matched — pycocotools' IoU with
+them is always 0 — and are left out (counted in ``info["skipped_instances"]`` when nothing of an instance is left).
+Text answers (captions, plain OCR) have no instances and are skipped.
 
 Taught in ``notebooks/05_detection.ipynb`` (COCO and supervision export); used by :mod:`helpers.batch`.
 """
@@ -107,7 +108,8 @@ def _column(answer: Mapping, key: str, length: int, what: str) -> list:
 
 def answer_instances(answer: Any, *, task: str | None = None) -> tuple[list[ExportInstance], int]:
     """Flatten one answer (or ``{task: answer}``) into instances; returns ``(instances, skipped)`` where ``skipped``
-    counts instances left out because none of their polygons had three points. Text answers give ``([], 0)``.
+    counts instances left out because they have no area (a zero-width or zero-height box; no polygon with three
+    points enclosing any area). Text answers give ``([], 0)``.
     Taught in ``notebooks/05_detection.ipynb``."""
     task, answer = _unwrap(answer, task)
     if isinstance(answer, str) or answer is None:
@@ -128,8 +130,13 @@ def answer_instances(answer: Any, *, task: str | None = None) -> tuple[list[Expo
     def add_boxes(boxes_key: str, labels_key: str, scores_key: str) -> None:
         boxes = list(answer.get(boxes_key) or [])
         labels, scores = labels_and_scores(labels_key, scores_key, len(boxes), boxes_key)
+        nonlocal skipped
         for raw, label, score in zip(boxes, labels, scores):
-            instances.append(ExportInstance(str(label), _box(raw), [], _score(score), "bboxes"))
+            instance = ExportInstance(str(label), _box(raw), [], _score(score), "bboxes")
+            if instance.area > 0:
+                instances.append(instance)
+            else:
+                skipped += 1
 
     def add_outlines(shapes_key: str, labels_key: str, scores_key: str, *, quads: bool) -> None:
         nonlocal skipped
@@ -137,7 +144,7 @@ def answer_instances(answer: Any, *, task: str | None = None) -> tuple[list[Expo
         labels, scores = labels_and_scores(labels_key, scores_key, len(shapes), shapes_key)
         for raw, label, score in zip(shapes, labels, scores):
             parts = [raw] if quads else list(raw)
-            outlines = [o for o in (_outline(part) for part in parts) if o is not None]
+            outlines = [o for o in (_outline(part) for part in parts) if o is not None and _shoelace(o) > 0]
             if not outlines:
                 skipped += 1
                 continue

@@ -152,8 +152,11 @@ def test_any_box_answers_round_trip(answers) -> None:
     ]  # fmt: skip
     dataset = json.loads(json.dumps(to_coco(records)))
     check_schema(dataset)
+    flat = sum(1 for a in answers for (x1, y1, x2, y2), _, _ in a if x1 == x2 or y1 == y2)
+    assert dataset["info"]["skipped_instances"] == flat  # boxes without area are left out, and counted
     for i, answer in enumerate(answers):
         back = answers_back(dataset, f"img{i}.png", "<OD>")
+        answer = [(b, lab, s) for b, lab, s in answer if b[0] != b[2] and b[1] != b[3]]
         assert len(back) == len(answer)
         for (label, xyxy, score), (raw_box, raw_label, raw_score) in zip(back, answer):
             assert label == (raw_label.strip() or "object") and score == raw_score
@@ -220,3 +223,20 @@ def test_answer_instances_of_text_answers_are_empty() -> None:
     assert answer_instances({"<CAPTION>": "a cat"}) == ([], 0)
     instances, skipped = answer_instances(OPEN_VOCABULARY)
     assert [(i.kind, i.label, i.score) for i in instances] == [("bboxes", "bicycle", 0.6)] and skipped == 0
+
+
+def test_zero_area_shapes_are_skipped_and_counted() -> None:
+    """pycocotools can never match a box or polygon without area (IoU 0), so exporting one only hides an error."""
+    sv = pytest.importorskip("supervision")
+    od = {"bboxes": [[10.0, 20.0, 10.0, 80.0], [5.0, 5.0, 15.0, 25.0], [3.0, 7.0, 9.0, 7.0]], "labels": ["a", "b", "c"]}
+    flat = {"polygons": [[[0.0, 0.0, 5.0, 5.0, 10.0, 10.0]], [[0.0, 0.0, 8.0, 0.0, 8.0, 8.0]]], "labels": ["line", "ok"]}
+    ocr = {"quad_boxes": [[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]], "labels": ["dot"]}
+    dataset = to_coco([("x.jpg", 40, 40, "<OD>", od), ("x.jpg", 40, 40, "<REFERRING_EXPRESSION_SEGMENTATION>", flat),
+                       ("x.jpg", 40, 40, "<OCR_WITH_REGION>", ocr)])  # fmt: skip
+    check_schema(dataset)
+    assert [a["bbox"] for a in dataset["annotations"]] == [[5.0, 5.0, 10.0, 20.0], [0.0, 0.0, 8.0, 8.0]]
+    assert all(a["area"] > 0 for a in dataset["annotations"])
+    assert dataset["info"]["skipped_instances"] == 4
+    assert answer_instances({"<OD>": od})[1] == 2
+    detections = to_supervision({"<OD>": od}, (40, 40))
+    assert list(detections.data["class_name"]) == ["b"]

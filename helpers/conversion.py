@@ -132,6 +132,17 @@ def check_model_folder(folder: Path) -> None:
         )
 
 
+#: File names of PyTorch checkpoints: single files, shards and shard indexes (safetensors and pickle).
+PYTORCH_WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                           "pytorch_model.bin.index.json")  # fmt: skip
+
+
+def pytorch_weight_files(folder: str | Path) -> list[str]:
+    """Names of the PyTorch weight files in ``folder`` (empty when it holds none)."""
+    folder = Path(folder)
+    return sorted({path.name for pattern in PYTORCH_WEIGHT_PATTERNS for path in folder.glob(pattern)})
+
+
 def _has_auto_map(folder: Path) -> bool:
     """An ``auto_map`` in any of the folder's JSON configs points transformers at code shipped with the model."""
     for path in folder.glob("*.json"):
@@ -587,17 +598,27 @@ def compress(ov_model, part: str, weight_format: str, verbose: bool):
 
 
 def _int4_group_size(ov_model, preferred: int = 128) -> int:
-    """INT4 groups must divide every compressed matrix's input width (tiny models have narrow layers)."""
-    widths = []
-    for op in ov_model.get_ordered_ops():
-        if op.get_type_name() == "MatMul":
-            shape = op.input_value(1).get_partial_shape()
-            if shape.is_static and len(shape) == 2:
-                widths.extend(int(d.get_length()) for d in shape)
+    """The largest group size (up to ``preferred``) that divides every weight matrix's reduction width.
+
+    INT4 groups run along the input (reduction) axis of a MatMul's weight, so only that width counts. The output
+    width does not: counting it let a vocabulary of 51,290 (the tied output projection of an unpadded or extended
+    vocabulary) collapse the whole decoder to group size 8. Tiny models have narrow layers, hence the search."""
+    widths = [width for width in (_reduction_width(op) for op in ov_model.get_ordered_ops()) if width is not None]
     group = preferred
     while group > 8 and any(w % group for w in widths):
         group //= 2
     return group
+
+
+def _reduction_width(op) -> int | None:
+    """Input width of a MatMul with a static 2-D weight (second input), ``None`` for other operations."""
+    if op.get_type_name() != "MatMul":
+        return None
+    shape = op.input_value(1).get_partial_shape()
+    if not shape.is_static or len(shape) != 2:
+        return None
+    rows, columns = (int(d.get_length()) for d in shape)
+    return columns if op.get_attributes().get("transpose_b") else rows
 
 
 # --------------------------------------------------------------------------------------------------------------

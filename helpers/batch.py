@@ -125,12 +125,12 @@ def _glob_root(pattern: str) -> Path:
 
 
 def _walk_files(root: Path, *, recursive: bool) -> Iterator[Path]:
-    """Files under ``root``; symlinked folders are followed, but each real folder is visited once, so symlink loops
-    neither repeat files nor hang the search."""
+    """Files under ``root``. Symlinked folders are followed after every real folder, and each folder is visited once,
+    so a symlink loop neither repeats files nor hangs the search, and a file keeps its real path when it has one."""
     seen: set[tuple[int, int]] = set()
-    pending = [root]
-    while pending:
-        folder = pending.pop()
+    real, linked = [root], []
+    while real or linked:
+        folder = real.pop() if real else linked.pop(0)
         try:
             info = folder.stat()
         except OSError:
@@ -139,15 +139,15 @@ def _walk_files(root: Path, *, recursive: bool) -> Iterator[Path]:
             continue
         seen.add((info.st_dev, info.st_ino))
         try:
-            entries = list(os.scandir(folder))
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
         except OSError:
-            continue  # unreadable folder: its images cannot be found, the rest can
+            continue  # an unreadable folder: its images cannot be found, the others can
         for entry in entries:
             path = folder / entry.name
             try:
                 if entry.is_dir():
                     if recursive:
-                        pending.append(path)
+                        (linked if entry.is_symlink() else real).append(path)
                 elif entry.is_file():
                     yield path
             except OSError:

@@ -275,3 +275,39 @@ def test_one_writer_per_output_folder(folder, tmp_path, tiny_torch_model, tiny_p
     (out / ".lock").write_text(dead.stdout.strip())
     summary = process_images(tiny_torch_model, tiny_processor, folder, "<OD>", out, progress=False, **FAST)
     assert summary.processed == 3
+
+
+# ---- Odd file names and symlink loops (issue 17) -----------------------------------------------------------------
+
+
+def test_a_name_that_is_not_utf8_never_stops_a_run(folder, tmp_path, tiny_torch_model, tiny_processor) -> None:
+    import os
+
+    from helpers.batch import describe
+
+    good_odd = os.fsdecode(bytes(folder) + b"/caf\xe9.png")  # Latin-1 bytes: not valid UTF-8
+    broken_odd = os.fsdecode(bytes(folder) + b"/bad\xff.jpg")
+    Image.new("RGB", (20, 30), "red").save(good_odd)
+    Path(broken_odd).write_bytes(b"not an image")
+    out = tmp_path / "out"
+    summary = process_images(tiny_torch_model, tiny_processor, folder, "<OD>", out, coco=True, progress=False,
+                             **FAST)  # fmt: skip
+    assert summary.processed == 4 and sorted(summary.failed) == sorted(["broken.jpg", Path(broken_odd).name])
+    (out / "results.jsonl").read_bytes().decode("utf-8")  # still valid UTF-8 for every other reader
+    records, bad = read_results(out / "results.jsonl")
+    assert bad == 0 and records[Path(good_odd).name]["results"]["<OD>"] is not None
+    assert "bad\\xff.jpg" in describe(summary)  # named in its error line, printably
+    again = process_images(tiny_torch_model, tiny_processor, folder, "<OD>", out, progress=False, **FAST)
+    assert (again.processed, again.skipped) == (0, 4)  # the odd names resume like any other
+
+
+def test_symlink_loops_are_followed_once(folder) -> None:
+    (folder / "sub").mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "sub" / "d.png")
+    (folder / "sub" / "up").symlink_to(folder, target_is_directory=True)
+    (folder / "loop").symlink_to(folder / "sub", target_is_directory=True)
+    names = ["a.png", "c.png", "sub/d.png"]
+    root, files = find_images(f"{folder}/**/*.png")
+    assert sorted(f.relative_to(root).as_posix() for f in files) == names
+    root, files = find_images(folder, recursive=True)
+    assert len(files) == len({f.resolve() for f in files}) == 5

@@ -30,10 +30,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 #: backend name -> (weight format of the IR, OpenVINO config, description). ``None`` config: the model's defaults.
@@ -614,6 +610,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     parser.add_argument("--worker-deployed", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
+    # The script's own process and its workers (not a learner's kernel that imports this module): local models only,
+    # no chatter. Set here rather than at import, so importing the module changes no environment.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if options.worker:
         ov_dir = options.worker_ov_dir or None
         if options.worker_loads:

@@ -18,6 +18,7 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal
 
 DEFAULT_MODEL = "florence-community/Florence-2-base-ft"
@@ -284,6 +285,64 @@ def model_kind(model: Any) -> ModelKind:
     return "random" if vocab_size is not None and vocab_size < 10_000 else "real"
 
 
+def teaching_tasks(folder: str | Path | None = None) -> tuple[str, ...]:
+    """The tasks the teaching model in ``folder`` (default: the shipped one) was trained on, as recorded with it:
+    ``florence2_trained_tasks`` in its ``config.json``, else ``tasks`` in its ``training.json``, else the six tasks
+    of the first teaching model (:data:`helpers.teaching.scenes.TEACHING_TASKS`, which recorded neither). Lessons
+    print their caveats from this list, so they disappear for tasks a retrained model learned.
+    Taught in ``notebooks/04_captioning.ipynb``."""
+    import json
+
+    from helpers.teaching import TEACHING_MODEL_DIR
+    from helpers.teaching.scenes import TEACHING_TASKS
+
+    folder = Path(folder) if folder is not None else TEACHING_MODEL_DIR
+    for name, key in (("config.json", "florence2_trained_tasks"), ("training.json", "tasks")):
+        try:
+            recorded = json.loads((folder / name).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(recorded, list) and recorded:
+            return tuple(str(task) for task in recorded)
+    return TEACHING_TASKS
+
+
+def trained_tasks(model: Any) -> tuple[str, ...]:
+    """The Florence-2 tasks ``model`` (a loaded model, its config or a folder, as for :func:`model_kind`) gives
+    meaningful answers to: all 15 for a real checkpoint, none for random weights, the recorded list for the
+    teaching model (see :func:`teaching_tasks`; a converted teaching model carries its config's list)."""
+    from helpers.tasks import TASKS
+
+    kind = model_kind(model)
+    if kind == "real":
+        return tuple(TASKS)
+    if kind == "random":
+        return ()
+    config = model if isinstance(model, (str, Path)) else getattr(model, "config", model)
+    recorded = config.get("florence2_trained_tasks") if isinstance(config, dict) else getattr(config, "florence2_trained_tasks", None)
+    return tuple(recorded) if recorded else teaching_tasks(model if isinstance(model, (str, Path)) else None)
+
+
+def untrained_notice(model: Any, tasks: Sequence[str]) -> str:
+    """One line on what the answers to ``tasks`` (those a lesson section runs) are worth on ``model``, computed from
+    what the model was trained on (:func:`trained_tasks`), so a lesson never states it from memory.
+    Taught in ``notebooks/04_captioning.ipynb``."""
+    kind = model_kind(model)
+    if kind == "real":
+        return "✅ A Florence-2 checkpoint, trained on every task: judge the answers against the picture."
+    if kind == "random":
+        return "⚠️  Random weights: every answer above is noise (only its structure is checked)."
+    known = set(trained_tasks(model))
+    missing = [task for task in tasks if task not in known]
+    trained = [task for task in tasks if task in known]
+    if not missing:
+        return "✅ The teaching model was trained on " + ("every task" if len(tasks) > 1 else "the task") + \
+            " above: on its scene the answers are meant to be right (check them against the picture)."
+    meaningless = "that answer is" if len(missing) == 1 else "those answers are"
+    line = f"ℹ️  The teaching model was not trained on {', '.join(missing)}: {meaningless} meaningless"
+    return line + (f"; it was trained on {', '.join(trained)}." if trained else ".")
+
+
 def model_kind_notice(kind: ModelKind) -> str:
     """The banner a lesson prints under its model (empty for a real checkpoint). Taught in
     ``notebooks/04_captioning.ipynb``."""
@@ -293,13 +352,18 @@ def model_kind_notice(kind: ModelKind) -> str:
             "    For real answers, set FLORENCE2_MODEL to a Florence-2 checkpoint (hub online, or a downloaded folder)."
         )
     if kind == "teaching":
-        from helpers.teaching.scenes import TEACHING_TASKS
+        from helpers.tasks import TASKS
 
+        tasks = teaching_tasks()
+        scope = (
+            "It was trained on every Florence-2 task."
+            if set(TASKS) <= set(tasks)
+            else f"It was trained on these tasks only; other tasks give meaningless answers:\n    {' '.join(tasks)}"
+        )
         return (
             "ℹ️  Offline TEACHING model: a small Florence-2 trained in this repository on generated shape scenes.\n"
             "    Its answers are meaningful on such scenes only, so this lesson shows it a held-out scene instead of\n"
-            "    photos and documents. It was trained on these tasks only; other tasks give meaningless answers:\n"
-            f"    {' '.join(TEACHING_TASKS)}\n"
+            f"    photos and documents. {scope}\n"
             "    For a real model, set FLORENCE2_MODEL to a Florence-2 checkpoint (hub online, or a downloaded folder)."
         )
     return ""

@@ -19,7 +19,7 @@ Environment passed to the kernels: ``FLORENCE2_MODEL`` (the model chosen above),
 ``AUTO``) and whatever else you set, e.g. ``FLORENCE2_KIT`` or ``FLORENCE2_MODELS_DIR`` (where conversions are cached,
 default ``<repo>/models``).
 
-Usage: ``python scripts/run_collection.py [NAME ...] [--timeout SECONDS]``; each NAME selects the notebooks whose
+Usage: ``python scripts/run_collection.py [NAME ...] [--timeout SECONDS] [--output-dir DIR]``; each NAME selects the notebooks whose
 file name starts with it (``04`` or ``04_captioning``).
 """
 
@@ -76,13 +76,13 @@ def find_notebooks(selectors: list[str]) -> list[Path]:
     return notebooks
 
 
-def write_outputs(notebook, name: str) -> tuple[Path, Path]:
-    """Write the executed notebook and its HTML rendering to output/."""
+def write_outputs(notebook, name: str, output_dir: Path = OUTPUT_DIR) -> tuple[Path, Path]:
+    """Write the executed notebook and its HTML rendering to ``output_dir``."""
     import nbformat
     from nbconvert import HTMLExporter
 
-    OUTPUT_DIR.mkdir(exist_ok=True)
-    ipynb_path = OUTPUT_DIR / name
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ipynb_path = output_dir / name
     nbformat.write(notebook, ipynb_path)
     html, _ = HTMLExporter().from_notebook_node(notebook)
     html_path = ipynb_path.with_suffix(".html")
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", help="run only notebooks whose file name starts with one of these")
     parser.add_argument("--timeout", type=int, default=int(os.environ.get("FLORENCE2_CELL_TIMEOUT", "3600")),
                         help="seconds one cell may take (default 3600, or FLORENCE2_CELL_TIMEOUT)")
+    parser.add_argument("--output-dir", type=Path, default=OUTPUT_DIR, help=f"where executed copies go (default {OUTPUT_DIR})")
     args = parser.parse_args(argv)
 
     notebooks = find_notebooks(args.names)
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     kit = kit_from_env()
     print(f"Device: {os.environ['FLORENCE2_DEVICE']}; converted models cached in {models_dir()}"
           + (f"; classroom kit: {kit}" if kit else ""))
-    print(f"Running {len(notebooks)} notebook(s); executed copies go to {OUTPUT_DIR}/\n")
+    print(f"Running {len(notebooks)} notebook(s); executed copies go to {args.output_dir}/\n")
 
     started = time.perf_counter()
     for number, path in enumerate(notebooks, 1):
@@ -157,12 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         notebook, cell_index, error = run_notebook(path, args.timeout)
         seconds = time.perf_counter() - t0
-        ipynb_path, html_path = write_outputs(notebook, path.name)
+        ipynb_path, html_path = write_outputs(notebook, path.name, args.output_dir)
         if error is not None:
             print(f"[{number}/{len(notebooks)}] {path.name} FAILED after {seconds:.1f} s", flush=True)
             print(f"\nFAILED: notebooks/{path.name}", file=sys.stderr)
             print(describe_failure(notebook, cell_index, error), file=sys.stderr)
-            where = f"{ipynb_path.relative_to(REPO)} and {html_path.relative_to(REPO)}"
+            where = f"{ipynb_path} and {html_path}"
             print(f"  full traceback: {where}", file=sys.stderr)
             skipped = notebooks[number:]
             if skipped:
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{number}/{len(notebooks)}] {path.name} ok in {seconds:.1f} s", flush=True)
 
     print(f"\nAll {len(notebooks)} notebook(s) ran on {os.environ['FLORENCE2_MODEL']} in "
-          f"{time.perf_counter() - started:.1f} s; see {OUTPUT_DIR}/")
+          f"{time.perf_counter() - started:.1f} s; see {args.output_dir}/")
     return 0
 
 

@@ -336,8 +336,9 @@ def untrained_notice(model: Any, tasks: Sequence[str]) -> str:
     missing = [task for task in tasks if task not in known]
     trained = [task for task in tasks if task in known]
     if not missing:
-        return "✅ The teaching model was trained on " + ("every task" if len(tasks) > 1 else "the task") + \
-            " above: on its scene the answers are meant to be right (check them against the picture)."
+        which = "every task" if len(tasks) > 1 else "the task"
+        return (f"✅ The teaching model was trained on {which} above, so its answers on its scene are real attempts: "
+                "check them against the picture (lesson 12's quality table says how often it is right).")
     meaningless = "that answer is" if len(missing) == 1 else "those answers are"
     line = f"ℹ️  The teaching model was not trained on {', '.join(missing)}: {meaningless} meaningless"
     return line + (f"; it was trained on {', '.join(trained)}." if trained else ".")

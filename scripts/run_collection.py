@@ -10,7 +10,9 @@ This is what ``make run`` does:
    if it is missing, a tiny random-weight model whose answers are noise). Any other model that cannot be had stops
    the run before the first notebook;
 2. execute ``notebooks/NN_*.ipynb`` one after the other in fresh kernels started in ``notebooks/``;
-3. write each executed notebook to ``output/`` as ``.ipynb`` and ``.html``.
+3. write each executed notebook to ``output/`` as ``.ipynb`` and ``.html``. The HTML page is static: it says that
+   widgets need a live kernel and shows their text form (ipywidgets' page JavaScript ships in no Python package,
+   and an offline page must not fetch it from a CDN).
 
 It stops at the first notebook that fails, names the notebook and the cell, and exits non-zero. The executed copy
 of the failing notebook is still written, so the traceback can be read in ``output/``.
@@ -76,15 +78,46 @@ def find_notebooks(selectors: list[str]) -> list[Path]:
     return notebooks
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+#: Shown at the top of an HTML copy that had widgets: their JavaScript (ipywidgets' HTML manager) ships in no Python
+#: package, and the page must not load it from a CDN, so the copy shows each widget's text form instead.
+WIDGETS_NOTE = (
+    "> **This page is a static copy of an executed lesson.** Widgets (the model, format and device selectors, the "
+    "demo, progress bars) need a live kernel: open the notebook in Jupyter (`make lab`) to use them. Where a widget "
+    "was, this page shows its text form."
+)
+
+
+def static_copy(notebook):
+    """A copy of ``notebook`` for the HTML page: widget views replaced by their text form, the widget state dropped
+    (so the page loads no widget JavaScript from a CDN), and a note saying so when there were widgets."""
+    import copy
+
+    import nbformat
+
+    page = copy.deepcopy(notebook)
+    had_widgets = False
+    for cell in page.cells:
+        for output in cell.get("outputs", []):
+            if WIDGET_VIEW in output.get("data", {}):
+                had_widgets = True
+                del output["data"][WIDGET_VIEW]
+    page.metadata.pop("widgets", None)
+    if had_widgets:
+        page.cells.insert(0, nbformat.v4.new_markdown_cell(WIDGETS_NOTE))
+    return page
+
+
 def write_outputs(notebook, name: str, output_dir: Path = OUTPUT_DIR) -> tuple[Path, Path]:
-    """Write the executed notebook and its HTML rendering to ``output_dir``."""
+    """Write the executed notebook (widget state included) and its HTML rendering (see :func:`static_copy`) to
+    ``output_dir``."""
     import nbformat
     from nbconvert import HTMLExporter
 
     output_dir.mkdir(parents=True, exist_ok=True)
     ipynb_path = output_dir / name
     nbformat.write(notebook, ipynb_path)
-    html, _ = HTMLExporter().from_notebook_node(notebook)
+    html, _ = HTMLExporter().from_notebook_node(static_copy(notebook))
     html_path = ipynb_path.with_suffix(".html")
     html_path.write_text(html, encoding="utf-8")
     return ipynb_path, html_path

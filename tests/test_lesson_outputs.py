@@ -149,3 +149,19 @@ def test_the_walk_finds_each_kind_of_problem() -> None:
     found = problems(notebook, {"<OD>", "<OCR_WITH_REGION>", "<REFERRING_EXPRESSION_SEGMENTATION>"})
     assert len(found) == 3, found
     assert problems(notebook, {"<OCR_WITH_REGION>"}) == found[1:2]
+
+
+def test_html_copies_say_widgets_need_a_kernel_and_load_no_widget_script(tmp_path: Path) -> None:
+    """An executed lesson with a widget becomes a page that shows the widget's text form and the reason, offline."""
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell("model_widget")]
+    notebook.cells[0].outputs = [nbformat.v4.new_output("execute_result", execution_count=1, data={
+        "application/vnd.jupyter.widget-view+json": {"model_id": "abc", "version_major": 2, "version_minor": 0},
+        "text/plain": "Dropdown(description='Model:', options=('teaching',), value='teaching')",
+    })]  # fmt: skip
+    notebook.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}, "version_major": 2}}
+    ipynb_path, html_path = run_collection_module().write_outputs(notebook, "99_widget.ipynb", tmp_path)
+    html = html_path.read_text()
+    assert "need a live kernel" in html and "Dropdown(description=" in html
+    assert "html-manager" not in html and "widget-view+json" not in html, "the page still wants widget JavaScript"
+    assert "widgets" in nbformat.read(ipynb_path, as_version=4).metadata, "the .ipynb copy lost its widget state"

@@ -261,7 +261,9 @@ def _region_text(spec: TaskSpec, text_input: Any, image_size: Sequence[float] | 
 # ----------------------------------------------------------------------------------------------------------------
 
 _BINS = 1000
-_LOC_TOKEN = re.compile(r"<loc_([0-9]+)>")
+#: One Florence-2 location token, ``<loc_0>`` … ``<loc_999>`` (group 1: the bin).
+LOCATION_TOKEN = re.compile(r"<loc_([0-9]+)>")
+_LOC_TOKEN = LOCATION_TOKEN
 
 
 def _region_error(problem: str) -> ValueError:

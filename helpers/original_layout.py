@@ -229,7 +229,8 @@ def read_weights(folder: Path, *, verbose: bool = True) -> dict[str, Any]:
                 part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as error:  # noqa: BLE001 - pickle refusals, truncation and zip errors all land here
                 raise OriginalLayoutError(
-                    f"{path} could not be read as plain tensors ({type(error).__name__}: {error}). It is damaged, or "
+                    f"{path} could not be read as plain tensors ({type(error).__name__}: {_gist(error)}). It is "
+                    "damaged, or "
                     "it holds more than tensors (which this collection never unpickles). Download it again, or convert "
                     "it to safetensors where you trust it."
                 ) from error
@@ -240,6 +241,13 @@ def read_weights(folder: Path, *, verbose: bool = True) -> dict[str, Any]:
             raise OriginalLayoutError(f"{path} repeats tensors of another shard ({sorted(duplicated)[:3]}).")
         tensors.update(part)
     return tensors
+
+
+def _gist(error: Exception) -> str:
+    """The informative line of torch's long unpickling error (which also suggests weights_only=False: never)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line]
+    return (named or lines or [""])[0][:200]
 
 
 def native_key(original: str) -> str | None:

@@ -201,9 +201,9 @@ class OVFlorence2Model(_GenerationBase):
         pytorch_weights = pytorch_weight_files(self.model_dir)
         if pytorch_weights and not (self.model_dir / "decoder.xml").exists():
             raise IncompleteConversionError(
-                f"{self.model_dir} holds a PyTorch checkpoint ({', '.join(pytorch_weights[:3])}), not an OpenVINO "
-                f"conversion. Convert it first: `convert_florence2('{self.model_dir}', output_folder)`, or pass the "
-                "folder to `load_model`, which converts it once and caches the result."
+                f"{self.model_dir} holds a PyTorch checkpoint, not an OpenVINO conversion. Convert it first: "
+                f"`convert_florence2('{self.model_dir}', output_folder)`, or pass the folder to `load_model`, which "
+                f"converts it once and caches the result. (PyTorch weights found: {', '.join(pytorch_weights[:3])}.)"
             )
         self.manifest = verify_conversion(self.model_dir, check_hashes=False)
 

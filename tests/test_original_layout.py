@@ -546,7 +546,7 @@ def test_pytorch_folders_of_every_kind_get_a_clear_message_from_the_openvino_mod
         with pytest.raises(IncompleteConversionError, match="holds a PyTorch checkpoint.*Convert it first") as caught:
             OVFlorence2Model(original, "CPU", cache_dir=None)
         assert "interrupted" not in str(caught.value) and len(str(caught.value)) < 500
-    with pytest.raises(IncompleteConversionError, match=r"holds a PyTorch checkpoint \(model.safetensors\)"):
+    with pytest.raises(IncompleteConversionError, match=r"holds a PyTorch checkpoint.*weights found: model.safetensors\.\)"):
         OVFlorence2Model(native_reference, "CPU", cache_dir=None)
 
 
@@ -568,3 +568,30 @@ def test_unknown_remote_code_is_still_refused(native_reference, tmp_path):
     (folder / "modeling_custom.py").write_text(TRAP.format(marker=str(folder / "EXECUTED")))
     with pytest.raises(ConversionError, match="never runs code from a model folder"):
         check_model_folder(folder)
+
+
+class PickleTrap:
+    """Unpickling this creates a folder: proof that a pickle was loaded with more than weights_only."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.makedirs, (self.marker,)
+
+
+def test_a_pickle_that_is_more_than_tensors_is_refused(native_reference, tmp_path):
+    import pickle
+
+    from helpers.original_layout import OriginalLayoutError, convert_to_native
+
+    original = make_original_checkpoint(native_reference, tmp_path / "original", weights="bin")
+    marker = tmp_path / "pickle-ran"
+    torch.save({"language_model.model.shared.weight": PickleTrap(marker)}, original / "pytorch_model.bin",
+               pickle_module=pickle)  # fmt: skip
+    with pytest.raises(OriginalLayoutError, match="could not be read as plain tensors.*never unpickles"):
+        convert_to_native(original, tmp_path / "native", verbose=False)
+    assert not marker.exists(), "the pickle ran code"
+    assert_no_code_ran(original)

@@ -119,8 +119,9 @@ def check_model_folder(folder: Path) -> None:
     if _has_auto_map(folder) or any(folder.glob("*.py")):
         # Remote code that is not the original Florence-2 layout: we never execute code shipped with a model.
         raise ConversionError(
-            f"{folder} ships Python code / an auto_map but is neither transformers' native Florence-2 nor the "
-            "original (microsoft/Florence-2-*) layout, so it needs its own code to load. This collection never runs "
+            f"{folder} is a remote-code Florence-2 (it ships Python code / an auto_map) in neither transformers' "
+            "native layout nor the original microsoft/Florence-2-* one, so only its own code could load it. This "
+            "collection never runs "
             "code from a model folder. Use a native florence-community/Florence-2-* checkpoint or an original-layout "
             "fine-tune."
         )

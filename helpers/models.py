@@ -137,7 +137,8 @@ def _slug(model_id_or_path: str) -> str:
         import hashlib
 
         digest = hashlib.sha1()
-        for item in sorted(path.glob("*.json")) + sorted(path.glob("*.safetensors")):
+        weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))  # .bin: original-layout folders
+        for item in sorted(path.glob("*.json")) + weights:
             digest.update(item.name.encode())
             digest.update(item.read_bytes() if item.suffix == ".json" else str(item.stat().st_size).encode())
         return f"{path.resolve().name}-{digest.hexdigest()[:8]}"

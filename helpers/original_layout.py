@@ -229,7 +229,8 @@ def read_weights(folder: Path, *, verbose: bool = True) -> dict[str, Any]:
                 part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as error:  # noqa: BLE001 - pickle refusals, truncation and zip errors all land here
                 raise OriginalLayoutError(
-                    f"{path} could not be read as plain tensors ({type(error).__name__}: {error}). It is damaged, or "
+                    f"{path} could not be read as plain tensors ({type(error).__name__}: {_gist(error)}). It is "
+                    "damaged, or "
                     "it holds more than tensors (which this collection never unpickles). Download it again, or convert "
                     "it to safetensors where you trust it."
                 ) from error
@@ -240,6 +241,13 @@ def read_weights(folder: Path, *, verbose: bool = True) -> dict[str, Any]:
             raise OriginalLayoutError(f"{path} repeats tensors of another shard ({sorted(duplicated)[:3]}).")
         tensors.update(part)
     return tensors
+
+
+def _gist(error: Exception) -> str:
+    """The informative line of torch's long unpickling error (which also suggests weights_only=False: never)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line]
+    return (named or lines or [""])[0][:200]
 
 
 def native_key(original: str) -> str | None:
@@ -256,15 +264,14 @@ class MappedWeights:
 
     tensors: dict[str, Any]
     sources: dict[str, list[str]]
-    tied: bool
 
 
 def map_weights(original: Mapping[str, Any], vocab_rows: int) -> MappedWeights:
     """Rename every original tensor to its native name; refuse leftovers; pad the embedding to ``vocab_rows`` rows.
 
-    The original ties ``shared``, both ``embed_tokens`` and ``lm_head``; checkpoints hold any subset of these names.
-    Present copies must be equal (else they cannot be one table). An ``lm_head`` that differs from the embedding
-    stays a separate output projection (untied)."""
+    The original ties ``shared``, both ``embed_tokens`` and ``lm_head`` into one table; checkpoints hold any subset
+    of these names, and every copy present must be equal. The native model and this collection's converter store
+    that table once."""
     import torch
 
     renamed: dict[str, Any] = {}
@@ -292,20 +299,12 @@ def map_weights(original: Mapping[str, Any], vocab_rows: int) -> MappedWeights:
         )
     if IMAGE_PROJECTION in renamed:
         renamed[IMAGE_PROJECTION] = renamed[IMAGE_PROJECTION].t().contiguous()
-    embedding, embedding_sources = _one_table(renamed, sources, list(TIED_EMBEDDINGS))
-    head = renamed.pop(LM_HEAD, None)
-    head_sources = sources.pop(LM_HEAD, [])
-    if embedding is None and head is None:
-        raise OriginalLayoutError("The checkpoint has no token-embedding table (language_model.model.shared.weight).")
-    tied = head is None or embedding is None or _same(head, embedding)
+    embedding, embedding_sources = _one_table(renamed, sources, [*TIED_EMBEDDINGS, LM_HEAD])
     if embedding is None:
-        embedding = head
+        raise OriginalLayoutError("The checkpoint has no token-embedding table (language_model.model.shared.weight).")
     renamed[SHARED_EMBEDDING] = _pad_rows(embedding, vocab_rows)
-    sources[SHARED_EMBEDDING] = embedding_sources + (head_sources if tied else [])
-    if not tied:
-        renamed[LM_HEAD] = _pad_rows(head, vocab_rows)
-        sources[LM_HEAD] = head_sources
-    return MappedWeights(renamed, sources, tied)
+    sources[SHARED_EMBEDDING] = embedding_sources
+    return MappedWeights(renamed, sources)
 
 
 def _one_table(renamed: dict, sources: dict, names: list[str]) -> tuple[Any, list[str]]:
@@ -315,7 +314,8 @@ def _one_table(renamed: dict, sources: dict, names: list[str]) -> tuple[Any, lis
     for other, name in zip(tables[1:], origin[1:]):
         if not _same(tables[0], other):
             raise OriginalLayoutError(
-                f"{origin[0]} and {name} differ, but Florence-2 ties them to one table. The checkpoint is inconsistent."
+                f"{origin[0]} and {name} differ, but Florence-2 ties them to one table (the original code always "
+                "does). The checkpoint was changed outside that code and cannot be converted exactly."
             )
     return (tables[0] if tables else None), origin
 
@@ -349,7 +349,7 @@ def _nested(config: dict, dotted: str) -> Any:
     return value
 
 
-def map_config(original: dict, vocab_rows: int, image_token_id: int, *, tied: bool = True) -> dict:
+def map_config(original: dict, vocab_rows: int, image_token_id: int) -> dict:
     """The native ``Florence2Config`` (as a dict) of an original ``config.json``."""
     text = {**ORIGINAL_TEXT_DEFAULTS, **(original.get("text_config") or {})}
     vision = {**ORIGINAL_VISION_DEFAULTS, **(original.get("vision_config") or {})}
@@ -392,7 +392,7 @@ def map_config(original: dict, vocab_rows: int, image_token_id: int, *, tied: bo
         "model_type": "bart",
         "vocab_size": vocab_rows,
         **{key: text[key] for key in ORIGINAL_TEXT_DEFAULTS if key != "vocab_size"},
-        "tie_word_embeddings": tied,
+        "tie_word_embeddings": True,
     }
     return {
         "model_type": "florence2",
@@ -400,7 +400,7 @@ def map_config(original: dict, vocab_rows: int, image_token_id: int, *, tied: bo
         "vision_config": native_vision,
         "text_config": native_text,
         "image_token_id": image_token_id,
-        "tie_word_embeddings": tied,
+        "tie_word_embeddings": True,
         "is_encoder_decoder": True,
     }
 
@@ -527,7 +527,7 @@ def _check_against_native(config_dict: dict, weights: MappedWeights) -> Any:
     with torch.device("meta"):
         model = Florence2ForConditionalGeneration(config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    aliases = set(TIED_EMBEDDINGS[1:]) | ({LM_HEAD} if weights.tied else set())
+    aliases = {*TIED_EMBEDDINGS[1:], LM_HEAD}
     expected = {name: shape for name, shape in expected.items() if name not in aliases}
     if TEMPORAL_EMBEDDING not in weights.tensors and TEMPORAL_EMBEDDING in expected:
         # A fixed sinusoid table (a buffer); checkpoints without it get the one transformers computes, as the
@@ -579,7 +579,7 @@ def convert_to_native(folder: str | Path, output_dir: str | Path, *, verbose: bo
         vocab_rows = -(-max(rows_in_file, image_token_id + 1) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
         weights = map_weights(tensors, vocab_rows)
         del tensors
-        config_dict = map_config(original, vocab_rows, image_token_id, tied=weights.tied)
+        config_dict = map_config(original, vocab_rows, image_token_id)
         config = _check_against_native(config_dict, weights)
         save_file({k: v.contiguous() for k, v in weights.tensors.items()}, str(output_dir / WEIGHTS_NAME),
                   metadata={"format": "pt"})  # fmt: skip

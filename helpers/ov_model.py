@@ -32,7 +32,7 @@ import openvino as ov
 from transformers import AutoConfig, GenerationConfig
 
 from helpers import numpy_generation
-from helpers.conversion import IncompleteConversionError, verify_conversion
+from helpers.conversion import IncompleteConversionError, pytorch_weight_files, verify_conversion
 
 #: True when torch is installed: then transformers' ``generate`` is available and is the default generator.
 TORCH_AVAILABLE = importlib.util.find_spec("torch") is not None
@@ -198,10 +198,12 @@ class OVFlorence2Model(_GenerationBase):
                 f"{self.model_dir} holds a '{model_type}' model, not a converted Florence-2. Pass a folder written "
                 "by `convert_florence2('florence-community/Florence-2-base-ft', folder)`."
             )
-        if (self.model_dir / "model.safetensors").exists() and not (self.model_dir / "decoder.xml").exists():
+        pytorch_weights = pytorch_weight_files(self.model_dir)
+        if pytorch_weights and not (self.model_dir / "decoder.xml").exists():
             raise IncompleteConversionError(
-                f"{self.model_dir} holds a PyTorch checkpoint, not an OpenVINO conversion. "
-                f"Convert it first: `convert_florence2('{self.model_dir}', output_folder)`."
+                f"{self.model_dir} holds a PyTorch checkpoint, not an OpenVINO conversion. Convert it first: "
+                f"`convert_florence2('{self.model_dir}', output_folder)`, or pass the folder to `load_model`, which "
+                f"converts it once and caches the result. (PyTorch weights found: {', '.join(pytorch_weights[:3])}.)"
             )
         self.manifest = verify_conversion(self.model_dir, check_hashes=False)
 

@@ -27,7 +27,7 @@ from helpers.tiny import FLORENCE2_EXTRA_TOKENS, TinyArchitecture, make_tiny_flo
 #: Written into every test folder as modeling_/configuration_/processing_florence2.py: importing it leaves a mark.
 TRAP = """
 from pathlib import Path
-Path(__file__).with_name("EXECUTED").write_text("code from the model folder ran")
+Path({marker!r}).write_text("code from the model folder ran")
 raise SystemExit("code from the model folder ran")
 """
 REMOTE_CODE_FILES = ("modeling_florence2.py", "configuration_florence2.py", "processing_florence2.py")
@@ -175,18 +175,25 @@ def make_original_checkpoint(
     if auto_map:
         processor["auto_map"] = {"AutoProcessor": "processing_florence2.Florence2Processor"}
     (target / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
-    for name in REMOTE_CODE_FILES:
-        (target / name).write_text(TRAP)
+    for name in REMOTE_CODE_FILES:  # wherever a loader copies them to, importing them marks this folder
+        (target / name).write_text(TRAP.format(marker=str((target / "EXECUTED").resolve())))
     return target
 
 
 def assert_no_code_ran(folder: Path) -> None:
     assert not (folder / "EXECUTED").exists(), "a Python file from the model folder was executed"
-    assert not any(name.removesuffix(".py") in sys.modules for name in REMOTE_CODE_FILES)
+    names = {name.removesuffix(".py") for name in REMOTE_CODE_FILES}
+    loaded = [m for m in sys.modules if m.split(".")[-1] in names and not m.startswith("transformers.models.")]
+    assert loaded == [], f"modules from the model folder were imported: {loaded}"
 
 
 @pytest.fixture(scope="module")
 def native_reference(tmp_path_factory) -> Path:
+    """A tiny base-like native model laid out like the released native checkpoints."""
+    return build_native_reference(tmp_path_factory.mktemp("native") / "tiny", seed=3)
+
+
+def build_native_reference(folder: Path, **tiny_options) -> Path:
     """A tiny native model laid out like the released native checkpoints: ``<image>`` after every other token, the
     rows after it zero (what the mapping pads with). Mapping its original-layout twin back must give it bit for bit.
 
@@ -194,7 +201,7 @@ def native_reference(tmp_path_factory) -> Path:
     with it.)"""
     from safetensors.torch import load_file, save_file
 
-    folder = make_tiny_florence2(tmp_path_factory.mktemp("native") / "tiny", seed=3)
+    folder = make_tiny_florence2(folder, **tiny_options)
     config = json.loads((folder / "config.json").read_text())
     tokenizer = json.loads((folder / "tokenizer.json").read_text())
     old_image = config["image_token_id"]
@@ -382,3 +389,209 @@ def test_unsupported_original_options_are_refused():
     config["vision_config"]["projection_dim"] = 32
     with pytest.raises(OriginalLayoutError, match="projection_dim \\(32\\) differs from text_config.d_model \\(64\\)"):
         map_config(config, 2048, 2000)
+
+
+# ------------------------------------------------------------------------------------------ converting and answering
+
+PROMPTS = (
+    "<OD>", "<CAPTION>", "<OCR_WITH_REGION>", "<CAPTION_TO_PHRASE_GROUNDING>a red car next to a tree",
+    "<REGION_TO_DESCRIPTION><loc_100><loc_200><loc_700><loc_900>", "<CAPTION_TO_PHRASE_GROUNDING><custom_1> by a car",
+)  # fmt: skip
+EXTRA_TOKENS = ("<custom_0>", "<custom_1>")
+
+
+def add_fine_tune_tokens(folder: Path) -> int:
+    """What a fine-tune that added tokens looks like: two more tokens after the Florence ones, two more embedding
+    rows (unpadded). Returns the original vocabulary size."""
+    config = json.loads((folder / "config.json").read_text())
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    rows = config["text_config"]["vocab_size"]
+    for offset, token in enumerate(EXTRA_TOKENS):
+        tokenizer["added_tokens"].append({"id": rows + offset, "content": token, "single_word": False, "lstrip": False,
+                                          "rstrip": False, "normalized": False, "special": False})  # fmt: skip
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    config["vocab_size"] = config["text_config"]["vocab_size"] = rows + len(EXTRA_TOKENS)
+    (folder / "config.json").write_text(json.dumps(config))
+    tensors = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    table = tensors["language_model.model.shared.weight"]
+    extra = torch.randn(len(EXTRA_TOKENS), table.shape[1], generator=torch.Generator().manual_seed(7)) * 0.2
+    for name in ("language_model.model.shared.weight", "language_model.lm_head.weight"):  # one tied table
+        tensors[name] = torch.cat([table, extra])
+    tensors["language_model.final_logits_bias"] = torch.zeros(1, rows + len(EXTRA_TOKENS))
+    torch.save(tensors, folder / "pytorch_model.bin")
+    return rows + len(EXTRA_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def odd_fine_tune(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(original-layout folder, models cache, its fp32 conversion): large-like (vision width 128 ≠ text width 48),
+    384 px images, two added tokens, pytorch_model.bin with every tied name, converted through ensure_converted."""
+    from helpers.models import ensure_converted
+
+    root = tmp_path_factory.mktemp("odd")
+    native = build_native_reference(root / "native", seed=5, large_style=True, image_size=384)
+    tied = ("language_model.model.shared.weight", "language_model.lm_head.weight")
+    original = make_original_checkpoint(
+        native, root / "my-fine-tune", weights="bin", tied_names=tied, florence_tokens_in_tokenizer=True
+    )  # a fine-tune's tokenizer holds the Florence tokens the original processor had added, then its own
+    add_fine_tune_tokens(original)
+    models = root / "models"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FLORENCE2_MODELS_DIR", str(models))
+        converted = ensure_converted(str(original), "fp32")
+    assert_no_code_ran(original)
+    return original, models, converted
+
+
+def noise_image(width: int, height: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_a_converted_fine_tune_answers_like_pytorch_token_for_token(odd_fine_tune, tmp_path):
+    from transformers import AutoProcessor, Florence2ForConditionalGeneration
+
+    from helpers.conversion import verify_conversion
+    from helpers.original_layout import convert_to_native
+    from helpers.ov_model import OVFlorence2Model
+
+    original, _, converted = odd_fine_tune
+    assert verify_conversion(converted)["source"] == str(original)
+    native = convert_to_native(original, tmp_path / "native", verbose=False)
+    config = json.loads((converted / "config.json").read_text())
+    rows = json.loads((original / "config.json").read_text())["vocab_size"]
+    assert config["image_token_id"] == rows  # the first free id, after the fine-tune's own tokens
+    assert config["text_config"]["vocab_size"] == -(-(rows + 1) // 64) * 64
+    processor = AutoProcessor.from_pretrained(converted)
+    assert processor.tokenizer.convert_tokens_to_ids(list(EXTRA_TOKENS)) == [rows - 2, rows - 1]
+    assert processor.image_processor.size == {"height": 384, "width": 384}
+
+    torch_model = Florence2ForConditionalGeneration.from_pretrained(native).eval()
+    ov_model = OVFlorence2Model(converted, "CPU", EXACT_OV_CONFIG, cache_dir=None)
+    answers = set()
+    for seed, prompt in enumerate(PROMPTS):
+        inputs = processor(text=prompt, images=noise_image(120, 90, seed), return_tensors="pt")
+        for beams in (1, 3) if seed == 0 else (1,):
+            with torch.no_grad():
+                expected = torch_model.generate(**inputs, max_new_tokens=24, num_beams=beams)
+            got = ov_model.generate(**inputs, max_new_tokens=24, num_beams=beams)
+            assert expected.tolist() == got.tolist(), f"{prompt} beams={beams}"
+            answers.add(tuple(expected[0].tolist()))
+    assert len(answers) > 3  # a blind model would say the same whatever it is shown
+    assert_no_code_ran(original)
+
+
+def test_load_model_the_command_line_and_the_kit_take_the_folder(odd_fine_tune, tmp_path, monkeypatch, capsys):
+    from helpers.__main__ import main
+    from helpers.kit import build_kit
+    from helpers.models import load_model
+
+    original, models, converted = odd_fine_tune
+    monkeypatch.setenv("FLORENCE2_MODELS_DIR", str(models))
+    model, processor = load_model(str(original), "fp32", "CPU", EXACT_OV_CONFIG)
+    assert model.model_dir == converted  # converted once, then found again in the cache
+
+    image = tmp_path / "noise.png"
+    noise_image(64, 48, 0).save(image)
+    capsys.readouterr()
+    code = main([str(image), "--task", "<OD>", "--model", str(original), "--device", "CPU", "--weight-format", "fp32",
+                 "--max-new-tokens", "12", "--num-beams", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and set(json.loads(out)) == {"<OD>"}
+
+    kit = tmp_path / "kit"
+    shutil.copytree(models, kit / "models")  # the kit converts into its own models/ folder; reuse the conversion
+    build_kit(kit, [str(original)], ["fp32"], include_samples=False)
+    entry = json.loads((kit / "kit.json").read_text())["models"][0]
+    assert entry["model"] == str(original) and (kit / entry["path"] / "decoder.xml").exists()
+    assert_no_code_ran(original)
+
+
+def test_a_hub_id_in_the_original_layout_downloads_data_only(native_reference, tmp_path, monkeypatch):
+    """microsoft/Florence-2-base-ft ships Python files and pickle weights: only JSON, text and weights are fetched
+    (the hub is unreachable here, so a stand-in serves an original-layout folder by the same allow_patterns)."""
+    import fnmatch
+
+    import huggingface_hub
+
+    from helpers.conversion import resolve_source
+    from helpers.original_layout import convert_to_native
+
+    served = make_original_checkpoint(native_reference, tmp_path / "hub", weights="bin")
+    cache = tmp_path / "cache" / "microsoft--Florence-2-base-ft"
+    requests = []
+
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        requests.append((repo_id, list(allow_patterns)))
+        cache.mkdir(parents=True, exist_ok=True)
+        for path in served.iterdir():
+            if any(fnmatch.fnmatch(path.name, pattern) for pattern in allow_patterns):
+                shutil.copy2(path, cache / path.name)
+        return str(cache)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    folder = resolve_source("microsoft/Florence-2-base-ft")
+    assert folder == cache and [r[0] for r in requests] == ["microsoft/Florence-2-base-ft"] * 2
+    assert (folder / "pytorch_model.bin").exists() and not list(folder.glob("*.py"))
+    native = convert_to_native(folder, tmp_path / "native", verbose=False)
+    assert (native / "model.safetensors").exists()
+    assert_no_code_ran(served)
+
+
+def test_pytorch_folders_of_every_kind_get_a_clear_message_from_the_openvino_model(native_reference, tmp_path):
+    from helpers.conversion import IncompleteConversionError
+    from helpers.ov_model import OVFlorence2Model
+
+    for kind in ("bin", "sharded-safetensors", "safetensors"):
+        original = make_original_checkpoint(native_reference, tmp_path / kind, weights=kind)
+        with pytest.raises(IncompleteConversionError, match="holds a PyTorch checkpoint.*Convert it first") as caught:
+            OVFlorence2Model(original, "CPU", cache_dir=None)
+        assert "interrupted" not in str(caught.value) and len(str(caught.value)) < 500
+    with pytest.raises(IncompleteConversionError, match=r"holds a PyTorch checkpoint.*weights found: model.safetensors\.\)"):
+        OVFlorence2Model(native_reference, "CPU", cache_dir=None)
+
+
+def test_a_folder_without_auto_map_is_taken_as_original_not_refused(native_reference, tmp_path):
+    """transformers itself answers such a folder with an 11,679-character 'Unrecognized model type' error."""
+    from helpers.conversion import check_model_folder
+    from helpers.original_layout import original_layout_markers
+
+    original = make_original_checkpoint(native_reference, tmp_path / "plain", auto_map=False)
+    assert "text_config.model_type 'florence2_language'" in original_layout_markers(original)
+    check_model_folder(original)  # accepted: mapped as data, never loaded by transformers in this layout
+
+
+def test_unknown_remote_code_is_still_refused(native_reference, tmp_path):
+    from helpers.conversion import ConversionError, check_model_folder
+
+    folder = tmp_path / "other"
+    shutil.copytree(native_reference, folder)
+    (folder / "modeling_custom.py").write_text(TRAP.format(marker=str(folder / "EXECUTED")))
+    with pytest.raises(ConversionError, match="never runs code from a model folder"):
+        check_model_folder(folder)
+
+
+class PickleTrap:
+    """Unpickling this creates a folder: proof that a pickle was loaded with more than weights_only."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.makedirs, (self.marker,)
+
+
+def test_a_pickle_that_is_more_than_tensors_is_refused(native_reference, tmp_path):
+    import pickle
+
+    from helpers.original_layout import OriginalLayoutError, convert_to_native
+
+    original = make_original_checkpoint(native_reference, tmp_path / "original", weights="bin")
+    marker = tmp_path / "pickle-ran"
+    torch.save({"language_model.model.shared.weight": PickleTrap(marker)}, original / "pytorch_model.bin",
+               pickle_module=pickle)  # fmt: skip
+    with pytest.raises(OriginalLayoutError, match="could not be read as plain tensors.*never unpickles"):
+        convert_to_native(original, tmp_path / "native", verbose=False)
+    assert not marker.exists(), "the pickle ran code"
+    assert_no_code_ran(original)

@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -32,7 +33,7 @@ import openvino as ov
 from transformers import AutoConfig, GenerationConfig
 
 from helpers import numpy_generation
-from helpers.conversion import IncompleteConversionError, verify_conversion
+from helpers.conversion import IncompleteConversionError, reconvert_hint, verify_conversion
 
 #: True when torch is installed: then transformers' ``generate`` is available and is the default generator.
 TORCH_AVAILABLE = importlib.util.find_spec("torch") is not None
@@ -162,8 +163,14 @@ class OVFlorence2Model(_GenerationBase):
             _check_torch_for_transformers()  # fail at load, not at the first generate
         self.model_dir = Path(model_dir)
         self._check_folder()
-        self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
-        self.generation_config = GenerationConfig.from_pretrained(self.model_dir)
+        try:
+            self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
+            self.generation_config = GenerationConfig.from_pretrained(self.model_dir)
+        except (OSError, ValueError) as error:  # json, unicode and "not a config" errors are ValueErrors
+            raise IncompleteConversionError(
+                f"{self.model_dir}: config.json or generation_config.json cannot be read ({error}). "
+                f"{reconvert_hint(self.model_dir, self.manifest)}"
+            ) from error
         self.device_name = device
         self.ov_config = dict(ov_config or {})
         self.part_config = {part: dict(config) for part, config in (part_config or {}).items()}
@@ -203,7 +210,9 @@ class OVFlorence2Model(_GenerationBase):
                 f"{self.model_dir} holds a PyTorch checkpoint, not an OpenVINO conversion. "
                 f"Convert it first: `convert_florence2('{self.model_dir}', output_folder)`."
             )
-        self.manifest = verify_conversion(self.model_dir, check_hashes=False)
+        # Hashes are checked the first time a folder is used and again whenever one of its files changes: a flipped
+        # byte in decoder.bin otherwise gives plausible wrong answers without a word.
+        self.manifest = verify_conversion(self.model_dir, check_hashes="once")
 
     def _set_compile_cache(self, cache_dir: str | Path | None) -> None:
         if cache_dir == "auto":
@@ -217,7 +226,16 @@ class OVFlorence2Model(_GenerationBase):
         self.core.set_property({"CACHE_DIR": str(cache_dir)})
 
     def _compile(self, model: ov.Model | str | Path, part: str) -> ov.CompiledModel:
-        return self.core.compile_model(model, self.device_name, self.compile_config(part))
+        try:
+            return self.core.compile_model(model, self.device_name, self.compile_config(part))
+        except RuntimeError as error:
+            if not isinstance(model, (str, Path)):
+                raise
+            # OpenVINO's message starts with source-file locations; keep the words that say why.
+            reason = re.sub(r"(Exception from )?\S+\.(cpp|hpp):\d+:?\s*", "", " ".join(str(error).split()))[:300]
+            raise IncompleteConversionError(
+                f"OpenVINO cannot read {model} ({reason}). {reconvert_hint(self.model_dir, self.manifest)}"
+            ) from error
 
     def compile_config(self, part: str) -> dict[str, Any]:
         """The settings ``part`` is compiled with: :data:`DECODER_DEFAULTS` (decoder, not on NPU), then ``ov_config``,
@@ -230,7 +248,7 @@ class OVFlorence2Model(_GenerationBase):
         self.ov_vision_encoder = self._compile(self.model_dir / "vision_encoder.xml", "vision_encoder")
         self.ov_text_encoder = self._compile(self.model_dir / "encoder.xml", "encoder")
         self.ov_decoder = self._compile(self.model_dir / "decoder.xml", "decoder")
-        decoder_model = self.core.read_model(self.model_dir / "decoder.xml")
+        decoder_model = self.core.read_model(self.model_dir / "decoder.xml")  # compiled above: readable
         self.ov_token_embeddings = self._compile(self._token_embedding_model(decoder_model), "token_embeddings")
         del decoder_model
         self.decoder_request = self.ov_decoder.create_infer_request()
@@ -252,7 +270,7 @@ class OVFlorence2Model(_GenerationBase):
         if table is None:
             raise IncompleteConversionError(
                 f"No token-embedding table found in {self.model_dir / 'decoder.xml'}: the folder was not written by "
-                "this collection's converter. Convert again with `convert_florence2(..., overwrite=True)`."
+                f"this collection's converter. {reconvert_hint(self.model_dir, self.manifest)}"
             )
         input_ids = ops.parameter(ov.PartialShape([-1, -1]), ov.Type.i64, name="input_ids")
         embeddings = ops.gather(table, input_ids, ops.constant(0))

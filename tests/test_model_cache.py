@@ -4,6 +4,7 @@ one command that repairs them (issue 17)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -112,3 +113,47 @@ def test_the_named_repair_exists_and_repairs(cache, tmp_path, capsys) -> None:
     assert "vision_encoder.bin does not match" in error and "--reconvert" in error
     assert main([*command, "--reconvert"]) == 0
     assert main(command) == 0
+
+
+def blobs(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*.blob"))
+
+
+def test_compiled_cache_stays_bounded(cache) -> None:
+    from helpers.ov_model import OVFlorence2Model
+
+    _, converted = cache
+    stale = converted / "compiled_cache" / "1234.blob"  # what older versions left: one flat, unbounded folder
+    stale.parent.mkdir()
+    stale.write_bytes(b"old")
+    OVFlorence2Model(converted, "CPU")
+    first = blobs(converted / "compiled_cache")
+    assert stale not in first and len(first) == 4  # one blob per part
+    for _ in range(2):
+        OVFlorence2Model(converted, "CPU")
+    assert blobs(converted / "compiled_cache") == first  # loading again reuses them (each load added one before)
+    # A blob written now (another OpenVINO version, device or setting: here the old one is gone) prunes the part's
+    # folder to the newest KEEP_COMPILED_BLOBS.
+    decoder = converted / "compiled_cache" / "decoder"
+    for blob in blobs(decoder):
+        blob.unlink()
+    for age, name in enumerate(["a", "b", "c"]):
+        (decoder / f"{name}.blob").write_bytes(b"other settings")
+        os.utime(decoder / f"{name}.blob", (1_000_000 + age, 1_000_000 + age))
+    OVFlorence2Model(converted, "CPU")
+    kept = blobs(decoder)
+    assert len(kept) == 2 and decoder / "c.blob" in kept and (decoder / "a.blob") not in kept
+
+
+def test_compiled_cache_place_is_configurable(cache, tmp_path, monkeypatch) -> None:
+    from helpers.ov_model import OVFlorence2Model
+
+    _, converted = cache
+    monkeypatch.setenv("FLORENCE2_COMPILED_CACHE", str(tmp_path / "ov-cache"))
+    model = OVFlorence2Model(converted, "CPU")
+    assert model.compiled_cache.parent == tmp_path / "ov-cache" and len(blobs(tmp_path / "ov-cache")) == 4
+    assert not (converted / "compiled_cache").exists()
+    monkeypatch.setenv("FLORENCE2_COMPILED_CACHE", "off")
+    assert OVFlorence2Model(converted, "CPU").compiled_cache is None
+    explicit = OVFlorence2Model(converted, "CPU", cache_dir=tmp_path / "mine")  # the argument wins
+    assert explicit.compiled_cache == tmp_path / "mine" and len(blobs(tmp_path / "mine")) == 4

@@ -622,6 +622,7 @@ def write_manifest(folder: Path, source: str, weight_format: str) -> dict:
         "files": files,
     }
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    _remember_verified(folder, sorted(files))  # just hashed: the first load need not hash again
     return manifest
 
 

@@ -824,6 +824,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the output folder holds answers to other settings: answer those images again")  # fmt: skip
     parser.add_argument("--recursive", action="store_true", help="include images in sub-folders of a folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--reconvert", action="store_true",
+                        help="convert the model again over its cached conversion (repairs a damaged one)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -845,7 +847,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_generate_kwargs(None, generate_kwargs)  # a mistyped setting fails before the model loads
         find_images(args.source, recursive=args.recursive)  # so does a wrong path
-        model, processor = load_model(args.model, args.weight_format, args.device)
+        model, processor = load_model(args.model, args.weight_format, args.device, reconvert=args.reconvert)
         summary = process_images(
             model, processor, args.source, tasks, args.output_dir, text_input=args.text,
             batch_size=args.batch_size, scores=not args.no_scores, coco=args.coco, draw=args.draw,

@@ -200,6 +200,21 @@ def resolve_model(model: str, *, cache_dir: Path | None = None, fallback: bool =
     return resolve_model(TINY_MODEL, cache_dir=cache_dir)
 
 
+def resolve_pytorch_model(model: str) -> str:
+    """:func:`resolve_model` for a lesson that needs the PyTorch weights (benchmarking, fine-tuning): when ``model``'s
+    checkpoint is not on this machine and cannot be downloaded — a classroom kit holds only its OpenVINO conversion —
+    say so and use the teaching model instead. Taught in ``notebooks/11_speed.ipynb``."""
+    source = resolve_model(model)
+    if Path(source).expanduser().is_dir() or in_hf_cache(source) or hub_reachable():
+        return source
+    print(
+        f"⚠️  The PyTorch checkpoint of {model} is not on this machine and the hub is unreachable (a classroom kit\n"
+        "    holds only its OpenVINO conversion), but this lesson needs PyTorch. Using the offline TEACHING model\n"
+        "    instead (FLORENCE2_MODEL=teaching). Download the checkpoint once (`hf download <hub id>`) to use yours."
+    )
+    return resolve_model(TEACHING_MODEL)
+
+
 def converted_dir(model_id_or_path: str, weight_format: str, cache_dir: Path | None = None) -> Path:
     """The cache folder for one model in one weight format (under ``cache_dir``, default :func:`models_dir`)."""
     return (cache_dir or models_dir()) / _slug(model_id_or_path) / weight_format

@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 import re
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, Literal
 
 DEFAULT_MODEL = "florence-community/Florence-2-base-ft"
@@ -38,6 +38,8 @@ ModelKind = Literal["real", "teaching", "random"]
 #: :func:`helpers.teaching.train.save_model`) or ``"random"`` (written by :mod:`helpers.tiny`). transformers keeps
 #: unknown config keys, so the mark survives ``save_pretrained`` and the conversion to OpenVINO.
 MODEL_KIND_KEY = "florence2_collection_kind"
+#: Key in a teaching model's ``config.json`` listing the tasks it was trained on (see :func:`teaching_tasks`).
+TRAINED_TASKS_KEY = "florence2_trained_tasks"
 
 
 @dataclass(frozen=True)
@@ -234,6 +236,21 @@ def resolve_model(model: str, *, cache_dir: Path | None = None, fallback: bool =
     return resolve_model(TINY_MODEL, cache_dir=cache_dir)
 
 
+def resolve_pytorch_model(model: str) -> str:
+    """:func:`resolve_model` for a lesson that needs the PyTorch weights (benchmarking, fine-tuning): when ``model``'s
+    checkpoint is not on this machine and cannot be downloaded — a classroom kit holds only its OpenVINO conversion —
+    say so and use the teaching model instead. Taught in ``notebooks/11_speed.ipynb``."""
+    source = resolve_model(model)
+    if Path(source).expanduser().is_dir() or in_hf_cache(source) or hub_reachable():
+        return source
+    print(
+        f"⚠️  The PyTorch checkpoint of {model} is not on this machine and the hub is unreachable (a classroom kit\n"
+        "    holds only its OpenVINO conversion), but this lesson needs PyTorch. Using the offline TEACHING model\n"
+        "    instead (FLORENCE2_MODEL=teaching). Download the checkpoint once (`hf download <hub id>`) to use yours."
+    )
+    return resolve_model(TEACHING_MODEL)
+
+
 def converted_dir(model_id_or_path: str, weight_format: str, cache_dir: Path | None = None) -> Path:
     """The cache folder for one model in one weight format (under ``cache_dir``, default :func:`models_dir`)."""
     return (cache_dir or models_dir()) / _slug(model_id_or_path) / weight_format
@@ -351,8 +368,8 @@ def model_kind(model: Any) -> ModelKind:
 
 def teaching_tasks(folder: str | Path | None = None) -> tuple[str, ...]:
     """The tasks the teaching model in ``folder`` (default: the shipped one) was trained on, as recorded with it:
-    ``florence2_trained_tasks`` in its ``config.json``, else ``tasks`` in its ``training.json``, else the six tasks
-    of the first teaching model (:data:`helpers.teaching.scenes.TEACHING_TASKS`, which recorded neither). Lessons
+    ``florence2_trained_tasks`` in its ``config.json``, else ``tasks`` in its ``training.json`` (of ``folder``, then
+    of the shipped model), else the six tasks of the first teaching model (:data:`helpers.teaching.scenes.TEACHING_TASKS`, which recorded neither). Lessons
     print their caveats from this list, so they disappear for tasks a retrained model learned.
     Taught in ``notebooks/04_captioning.ipynb``."""
     import json
@@ -360,14 +377,15 @@ def teaching_tasks(folder: str | Path | None = None) -> tuple[str, ...]:
     from helpers.teaching import TEACHING_MODEL_DIR
     from helpers.teaching.scenes import TEACHING_TASKS
 
-    folder = Path(folder) if folder is not None else TEACHING_MODEL_DIR
-    for name, key in (("config.json", "florence2_trained_tasks"), ("training.json", "tasks")):
-        try:
-            recorded = json.loads((folder / name).read_text()).get(key)
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(recorded, list) and recorded:
-            return tuple(str(task) for task in recorded)
+    folders = [Path(folder)] if folder is not None else []
+    for place in [*folders, TEACHING_MODEL_DIR]:  # a converted copy may lack training.json: the shipped one has it
+        for name, key in (("config.json", TRAINED_TASKS_KEY), ("training.json", "tasks")):
+            try:
+                recorded = json.loads((place / name).read_text()).get(key)
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(recorded, list) and recorded:
+                return tuple(str(task) for task in recorded)
     return TEACHING_TASKS
 
 
@@ -382,9 +400,10 @@ def trained_tasks(model: Any) -> tuple[str, ...]:
         return tuple(TASKS)
     if kind == "random":
         return ()
-    config = model if isinstance(model, (str, Path)) else getattr(model, "config", model)
-    recorded = config.get("florence2_trained_tasks") if isinstance(config, dict) else getattr(config, "florence2_trained_tasks", None)
-    return tuple(recorded) if recorded else teaching_tasks(model if isinstance(model, (str, Path)) else None)
+    if isinstance(model, (str, Path)):
+        return teaching_tasks(model)  # a folder: its own config.json / training.json
+    recorded = getattr(getattr(model, "config", model), TRAINED_TASKS_KEY, None)  # survives the conversion
+    return tuple(recorded) if recorded else teaching_tasks()
 
 
 def untrained_notice(model: Any, tasks: Sequence[str]) -> str:

@@ -165,3 +165,21 @@ def test_html_copies_say_widgets_need_a_kernel_and_load_no_widget_script(tmp_pat
     assert "need a live kernel" in html and "Dropdown(description=" in html
     assert "html-manager" not in html and "widget-view+json" not in html, "the page still wants widget JavaScript"
     assert "widgets" in nbformat.read(ipynb_path, as_version=4).metadata, "the .ipynb copy lost its widget state"
+
+
+def test_task_caveats_follow_what_the_teaching_model_recorded(tmp_path: Path) -> None:
+    """The lessons' caveats come from the model's own record: a retrained model that lists more tasks loses them."""
+    from helpers.models import TRAINED_TASKS_KEY, teaching_tasks, untrained_notice
+
+    config = json.loads((TEACHING_MODEL_DIR / "config.json").read_text())
+    retrained = tmp_path / "retrained"
+    retrained.mkdir()
+    (retrained / "config.json").write_text(json.dumps({**config, TRAINED_TASKS_KEY: list(TASKS)}))
+    assert teaching_tasks(retrained) == tuple(TASKS)
+    assert untrained_notice(retrained, ["<OD>", "<REGION_PROPOSAL>"]).startswith("✅")
+
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "config.json").write_text(json.dumps({**config, TRAINED_TASKS_KEY: ["<CAPTION>", "<OD>"]}))
+    notice = untrained_notice(older, ["<OD>", "<REGION_PROPOSAL>"])
+    assert "not trained on <REGION_PROPOSAL>" in notice and "trained on <OD>" in notice

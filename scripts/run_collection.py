@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"[{number}/{len(notebooks)}] {path.name} ok in {seconds:.1f} s", flush=True)
 
-    print(f"\nAll {len(notebooks)} notebook(s) ran on {os.environ['FLORENCE2_MODEL']} in "
+    # A lesson that cannot use this model (e.g. one needing PyTorch weights a kit lacks) says so in its own output.
+    print(f"\nAll {len(notebooks)} notebook(s) ran with FLORENCE2_MODEL={os.environ['FLORENCE2_MODEL']} in "
           f"{time.perf_counter() - started:.1f} s; see {args.output_dir}/")
     return 0
 

@@ -6,12 +6,15 @@
                       [--batch-size 4]      (batch mode: see helpers/batch.py, or python -m helpers FOLDER -h)
 
 The model is converted on first use and cached under ``FLORENCE2_MODELS_DIR`` (default ``models/``).
-The answer is printed as JSON; ``--out`` saves the drawing.
+Standard output carries only the answer, as JSON (``python -m helpers photo.jpg --task od > answer.json`` works on a
+first run too); conversion progress, fallbacks and timings go to standard error. ``--out`` saves the drawing.
+Region tasks take ``--text "55,42,146,133"`` (a pixel box) or ``<loc_N>`` tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -22,12 +25,27 @@ from helpers.models import DEFAULT_DEVICE, load_model, model_from_env
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__.split("\n\n")[0])
+    from helpers.batch import build_parser as build_batch_parser
+
+    batch_options = build_batch_parser().format_help().split("\n\n", 2)[-1]  # its options, without usage line
+    parser = argparse.ArgumentParser(
+        prog="python -m helpers",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="single image:\n"
+        '  python -m helpers photo.jpg --task "object detection" > answer.json\n'
+        '  python -m helpers photo.jpg --task "<REGION_TO_CATEGORY>" --text "55,42,146,133"\n\n'
+        "folder or glob (batch mode, resumable; writes results.jsonl):\n"
+        '  python -m helpers photos/ --task "<OD>" --output-dir out/ --coco --draw\n\n'
+        f"batch mode (python -m helpers FOLDER_OR_GLOB ...):\n{batch_options}",
+    )
     parser.add_argument(
         "image", help="path to an image file (any format Pillow reads); a folder or glob runs batch mode"
     )
-    parser.add_argument("--task", default="<CAPTION>", help='task token, e.g. "<OD>" (default: <CAPTION>)')
-    parser.add_argument("--text", default=None, help="text input for tasks that take one (phrase, region …)")
+    parser.add_argument("--task", default="<CAPTION>",
+                        help='task token or name, e.g. "<OD>" or "object detection" (default: <CAPTION>)')  # fmt: skip
+    parser.add_argument("--text", default=None,
+                        help='text input for tasks that take one: a phrase, or a region as a pixel box "x1,y1,x2,y2"')  # fmt: skip
     parser.add_argument(
         "--model", default=model_from_env(), help="hub id, local folder, or 'tiny' (default: $FLORENCE2_MODEL or base-ft)"
     )
@@ -42,7 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Answer as JSON on standard output; everything else (conversion progress, warnings) on standard error."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    answer_stream = sys.stdout
+    if {"-h", "--help"} & set(argv):  # help is the answer then
+        return _run(argv, answer_stream)
+    with contextlib.redirect_stdout(sys.stderr):  # prints of a first conversion or a fallback must not mix in
+        return _run(argv, answer_stream)
+
+
+def _run(argv: list[str], answer_stream) -> int:
     from helpers.batch import wants_batch
 
     if wants_batch(argv):  # a folder or glob: JSONL over every image (helpers/batch.py)
@@ -65,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2, ensure_ascii=False))
+    print(json.dumps(result, indent=2, ensure_ascii=False), file=answer_stream, flush=True)
     print(f"({seconds:.2f} s)", file=sys.stderr)
     if args.out is not None:
         task = next(iter(result))

@@ -34,7 +34,16 @@ from PIL import Image
 
 from helpers.plotting import draw_answer
 from helpers.samples import SAMPLE_DESCRIPTIONS, list_samples, load_sample
-from helpers.tasks import CASCADED_TASKS, TASKS, load_image, loc_to_box, run_cascaded_task, run_task
+from helpers.tasks import (
+    CASCADED_TASKS,
+    PIXEL_BOX_HINT,
+    TASKS,
+    load_image,
+    loc_to_box,
+    parse_pixel_box,
+    run_cascaded_task,
+    run_task,
+)
 
 __all__ = [
     "CSS_CLASSES",
@@ -71,8 +80,6 @@ DISPLAY_MAX_SIDE = 1024
 RUN_LABEL = "Run"
 BUSY_LABEL = "Running…"
 _JSON_LINE = 72  # characters: a longer list of labels gets one label per line
-_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
-_PIXEL_BOX_HINT = "Type the region as a pixel box x1, y1, x2, y2 (left, top, right, bottom), e.g. 100, 80, 400, 360"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -120,31 +127,8 @@ def task_hint(task: str) -> str:
     if spec is None:
         return ""
     if spec.text_kind == "region":
-        return f"{_PIXEL_BOX_HINT}, or as four <loc_N> tokens such as <loc_100><loc_200><loc_500><loc_700>."
+        return f"{PIXEL_BOX_HINT}, or as four <loc_N> tokens such as <loc_100><loc_200><loc_500><loc_700>."
     return spec.hint
-
-
-def parse_pixel_box(text: str | Sequence[float]) -> tuple[float, float, float, float]:
-    """``"100, 80, 400, 360"`` (commas, spaces or brackets) or a 4-number sequence → ``(x1, y1, x2, y2)``.
-
-    Raises ``ValueError`` naming the expected format when there are not exactly four finite numbers.
-    """
-    if isinstance(text, str):
-        if "<loc_" in text:
-            raise ValueError(f"{text!r} is a region in <loc_N> tokens, not a pixel box; pass it as the text instead.")
-        leftover = _NUMBER.sub(" ", text)
-        if re.search(r"[^\s,;()\[\]]", leftover):
-            raise ValueError(f"The region {text!r} contains something that is not a number. {_PIXEL_BOX_HINT}.")
-        values = [float(v) for v in _NUMBER.findall(text)]
-    else:
-        try:
-            values = [float(v) for v in text]
-        except (TypeError, ValueError):
-            raise ValueError(f"The region {text!r} is not four numbers. {_PIXEL_BOX_HINT}.")
-    if len(values) != 4 or not all(math.isfinite(v) for v in values):
-        raise ValueError(f"The region {text!r} has {len(values)} numbers; it needs exactly 4. {_PIXEL_BOX_HINT}.")
-    x1, y1, x2, y2 = values
-    return x1, y1, x2, y2
 
 
 def _open_image(image: Any) -> Image.Image:

@@ -36,6 +36,7 @@ __all__ = [
     "CASCADED_TASKS",
     "DEFAULT_MAX_NEW_TOKENS",
     "MAX_NEW_TOKENS_LIMIT",
+    "PIXEL_BOX_HINT",
     "FAMILY_NOTEBOOKS",
     "TASKS",
     "CascadedTaskSpec",
@@ -47,6 +48,8 @@ __all__ = [
     "format_region",
     "load_image",
     "loc_to_box",
+    "looks_like_pixel_box",
+    "parse_pixel_box",
     "parse_region",
     "resolve_task",
     "run_cascaded_task",
@@ -180,7 +183,8 @@ def resolve_task(task: str) -> str:
     """Return the canonical task token for ``task``. Taught in ``notebooks/04_captioning.ipynb``.
 
     Names are case-insensitive, the angle brackets are optional and spaces/hyphens count as underscores, so
-    ``"od"``, ``"<od>"`` and ``"OD"`` all give ``"<OD>"``. An unknown name raises ``ValueError`` listing the valid
+    ``"od"``, ``"<od>"`` and ``"OD"`` all give ``"<OD>"``; display names work too (``"object detection"``,
+    ``"OCR with regions"``). An unknown name raises ``ValueError`` listing the valid
     tasks and suggesting the nearest one.
     """
     if not isinstance(task, str):
@@ -188,11 +192,15 @@ def resolve_task(task: str) -> str:
     token = f"<{_bare(task)}>"
     if token in TASKS:
         return token
+    by_name = {_bare(spec.name): spec.token for spec in TASKS.values()}  # "object detection" -> "<OD>"
+    if _bare(task) in by_name:
+        return by_name[_bare(task)]
     valid = ", ".join(TASKS)
     if _find_cascade(task) is not None:
         raise ValueError(f"{task!r} is a cascaded task: run it with run_cascaded_task(). Single tasks: {valid}.")
-    close = difflib.get_close_matches(_bare(task), [_bare(t) for t in TASKS], n=1, cutoff=0.5)
-    suggestion = f" Did you mean '<{close[0]}>'?" if close else ""
+    names = {**{_bare(t): t for t in TASKS}, **by_name}
+    close = difflib.get_close_matches(_bare(task), list(names), n=1, cutoff=0.5)
+    suggestion = f" Did you mean {names[close[0]]!r}?" if close else ""
     raise ValueError(
         f"Unknown task {task!r}.{suggestion} Valid tasks (case-insensitive, brackets optional): {valid}."
     )
@@ -246,6 +254,8 @@ def build_prompt(
 
 
 def _region_text(spec: TaskSpec, text_input: Any, image_size: Sequence[float] | None) -> str:
+    if isinstance(text_input, str) and looks_like_pixel_box(text_input):
+        text_input = parse_pixel_box(text_input)  # "55,42,146,133" from a command line or a text box
     if isinstance(text_input, str):
         return format_region(parse_region(text_input))
     if image_size is None:
@@ -271,6 +281,39 @@ def _region_error(problem: str) -> ValueError:
         f"{problem} A region is four location tokens x1 y1 x2 y2 (left, top, right, bottom), each 0..999, "
         f"e.g. {_REGION_EXAMPLE}; box_to_loc() builds one from a pixel box."
     )
+
+
+#: How to type a region as pixels (the demo's text box, the command line's --text).
+PIXEL_BOX_HINT = "Type the region as a pixel box x1, y1, x2, y2 (left, top, right, bottom), e.g. 100, 80, 400, 360"
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def looks_like_pixel_box(text: str) -> bool:
+    """True for text made only of numbers and separators (``"55,42,146,133"``, ``"(55 42 146 133)"``)."""
+    return bool(_NUMBER.search(text)) and not re.search(r"[^\s,;()\[\]]", _NUMBER.sub(" ", text))
+
+
+def parse_pixel_box(text: str | Sequence[float]) -> tuple[float, float, float, float]:
+    """``"100, 80, 400, 360"`` (commas, spaces or brackets) or a 4-number sequence → ``(x1, y1, x2, y2)``.
+    Taught in ``notebooks/10_interactive_demo.ipynb``.
+
+    Raises ``ValueError`` naming the expected format when there are not exactly four finite numbers.
+    """
+    if isinstance(text, str):
+        if "<loc_" in text:
+            raise ValueError(f"{text!r} is a region in <loc_N> tokens, not a pixel box; pass it as the text instead.")
+        if not looks_like_pixel_box(text):
+            raise ValueError(f"The region {text!r} contains something that is not a number. {PIXEL_BOX_HINT}.")
+        values = [float(v) for v in _NUMBER.findall(text)]
+    else:
+        try:
+            values = [float(v) for v in text]
+        except (TypeError, ValueError):
+            raise ValueError(f"The region {text!r} is not four numbers. {PIXEL_BOX_HINT}.")
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"The region {text!r} has {len(values)} numbers; it needs exactly 4. {PIXEL_BOX_HINT}.")
+    x1, y1, x2, y2 = values
+    return x1, y1, x2, y2
 
 
 def format_region(bins: Sequence[int]) -> str:

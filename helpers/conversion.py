@@ -202,9 +202,15 @@ def _download(model_id: str, patterns: list[str]) -> Path:
 
 
 def load_torch_model(folder: Path):
-    """Load the PyTorch model in float32, eager mode, never executing remote code."""
+    """Load the PyTorch model in float32, eager mode, never executing remote code. An original-layout folder is
+    mapped to the native layout first (:mod:`helpers.original_layout`, in a temporary folder)."""
     from transformers import AutoModelForImageTextToText
 
+    from helpers.original_layout import convert_to_native, is_original_layout
+
+    if is_original_layout(folder):
+        with tempfile.TemporaryDirectory(prefix="florence2-native-") as native:
+            return load_torch_model(convert_to_native(folder, Path(native), verbose=False))
     model = AutoModelForImageTextToText.from_pretrained(
         folder, dtype="float32", use_safetensors=True, trust_remote_code=False
     )

@@ -30,10 +30,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 #: backend name -> (weight format of the IR, OpenVINO config, description). ``None`` config: the model's defaults.
@@ -478,6 +474,8 @@ def format_table(report: dict) -> str:
             lines.append(f"| {backend} | " + " | ".join(f"{batch[s]['images_per_s']:.2f}" for s in sizes) + " |")
     if report.get("targets"):
         lines += ["", "Targets:"] + [f"- {'MET ' if ok else 'MISSED'} {name}" for name, ok in report["targets"].items()]
+    elif report.get("settings", {}).get("quick"):
+        lines += ["", "Targets: not graded on a quick run (they are the full-size model's; see a full run)."]
     return "\n".join(lines)
 
 
@@ -582,7 +580,8 @@ def run_benchmark(
         "results": results,
     }  # fmt: skip
     report["ratios"] = add_ratios(results)
-    if all(b in results for b in ("ov-default", "ov-int8")):
+    # The targets are the full-size model's: a quick run (a small model, 8 tokens, one process) is not graded.
+    if not quick and all(b in results for b in ("ov-default", "ov-int8")):
         report["targets"] = {name: bool(check(report["ratios"])) for name, check in TARGETS.items()}
     name = Path(output) if output else RESULTS_DIR / f"{'quick' if quick else 'full'}-{Path(str(model)).name}.json"
     name.parent.mkdir(parents=True, exist_ok=True)
@@ -614,6 +613,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     parser.add_argument("--worker-deployed", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
+    # The script's own process and its workers (not a learner's kernel that imports this module): local models only,
+    # no chatter. Set here rather than at import, so importing the module changes no environment.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if options.worker:
         ov_dir = options.worker_ov_dir or None
         if options.worker_loads:

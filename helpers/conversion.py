@@ -669,19 +669,28 @@ def write_manifest(folder: Path, source: str, weight_format: str) -> dict:
         "files": files,
     }
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    _remember_verified(folder, sorted(files))  # just hashed: the first load need not hash again
     return manifest
 
 
-def read_manifest(folder: str | Path) -> dict:
+def reconvert_hint(folder: str | Path, manifest: dict | None = None) -> str:
+    """The command that repairs a damaged conversion folder: converting its source again over it."""
+    source = (manifest or {}).get("source") or "MODEL"
+    weight_format = (manifest or {}).get("weight_format") or "fp16"
+    return f"Convert again with `convert_florence2({source!r}, {str(folder)!r}, {weight_format!r}, overwrite=True)`."
+
+
+def read_manifest(folder: str | Path, *, fix: str | None = None) -> dict:
+    """The manifest of a conversion folder; ``IncompleteConversionError`` (ending with ``fix``, default
+    :func:`reconvert_hint`) when it is missing or corrupt."""
     path = Path(folder) / MANIFEST_NAME
+    fix = fix or reconvert_hint(folder)
     if not path.exists():
         raise IncompleteConversionError(
-            f"{folder} has no {MANIFEST_NAME}: it is not a finished conversion (it may have been interrupted). "
-            "Convert again with `convert_florence2(model, folder, overwrite=True)`."
+            f"{folder} has no {MANIFEST_NAME}: it is not a finished conversion (it may have been interrupted). {fix}"
         )
-    fix = "Convert again with `convert_florence2(model, folder, overwrite=True)`."
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise IncompleteConversionError(f"{path} is corrupt ({error}). {fix}") from error
     files = manifest.get("files") if isinstance(manifest, dict) else None
@@ -693,14 +702,47 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
-def verify_conversion(folder: str | Path, *, check_hashes: bool = True) -> dict:
+#: Written into a conversion folder once its files matched the manifest's hashes: each file's size and change time
+#: then, so later loads skip hashing until a file changes (see :func:`verify_conversion` with ``check_hashes="once"``).
+VERIFIED_STAMP = ".verified.json"
+
+
+def _file_stamps(folder: Path, names: list[str]) -> dict[str, list[int]]:
+    stamps = {}
+    for name in [*names, MANIFEST_NAME]:
+        info = (folder / name).stat()
+        stamps[name] = [info.st_size, info.st_mtime_ns, info.st_ino]
+    return stamps
+
+
+def _verified_before(folder: Path, names: list[str]) -> bool:
+    try:
+        return json.loads((folder / VERIFIED_STAMP).read_text(encoding="utf-8")) == _file_stamps(folder, names)
+    except (OSError, ValueError):
+        return False
+
+
+def _remember_verified(folder: Path, names: list[str]) -> None:
+    partial = folder / f"{VERIFIED_STAMP}.{os.getpid()}"
+    try:
+        partial.write_text(json.dumps(_file_stamps(folder, names)), encoding="utf-8")
+        partial.replace(folder / VERIFIED_STAMP)
+    except OSError:  # a read-only folder (a shared kit): hashes are checked at every load instead
+        with contextlib.suppress(OSError):
+            partial.unlink()
+
+
+def verify_conversion(folder: str | Path, *, check_hashes: bool | str = True, fix: str | None = None) -> dict:
     """Check that ``folder`` is a complete conversion in this layout version; return its manifest.
 
-    Sizes are always compared; hashes too unless ``check_hashes=False`` (hashing a large model takes seconds).
+    Sizes are always compared; hashes too when ``check_hashes`` is True, or with ``"once"`` when a file changed since
+    the last successful check (``.verified.json`` remembers each file's size and change time: loading stays fast,
+    yet a flipped byte or a file replaced by a same-size one is caught). ``fix`` ends every error message (default:
+    the :func:`convert_florence2` command that repairs the folder).
     """
     folder = Path(folder)
-    manifest = read_manifest(folder)
-    fix = "Convert again with `convert_florence2(model, folder, overwrite=True)`."
+    manifest = read_manifest(folder, fix=fix)
+    fix = fix or reconvert_hint(folder, manifest)
     if manifest.get("layout_version") != LAYOUT_VERSION:
         raise IncompleteConversionError(
             f"{folder} was converted with IR layout version {manifest.get('layout_version')}, this code reads "
@@ -719,8 +761,17 @@ def verify_conversion(folder: str | Path, *, check_hashes: bool = True) -> dict:
                 f"{path} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}: it is truncated "
                 f"or was changed. {fix}"
             )
-        if check_hashes and _sha256(path) != expected["sha256"]:
-            raise IncompleteConversionError(f"{path} does not match its recorded hash (corrupt file). {fix}")
+    names = sorted(manifest["files"])
+    if check_hashes == "once" and _verified_before(folder, names):
+        return manifest
+    if check_hashes:
+        for name in names:
+            if _sha256(folder / name) != manifest["files"][name]["sha256"]:
+                raise IncompleteConversionError(
+                    f"{folder / name} does not match its recorded hash (corrupt or changed file). {fix}"
+                )
+        if check_hashes == "once":
+            _remember_verified(folder, names)
     return manifest
 
 
@@ -963,6 +1014,7 @@ __all__ = [
     "is_converted",
     "verify_conversion",
     "read_manifest",
+    "reconvert_hint",
     "ir_size_bytes",
     "image_size_of",
 ]

@@ -4,11 +4,14 @@ Thirty students downloading a 0.5–1.5 GB checkpoint over one Wi-Fi at the same
 a folder holding converted models (OpenVINO IR + processor files, no PyTorch weights needed), the sample images
 and a manifest; the notebooks use it when ``FLORENCE2_KIT`` points at it:
 
-    python -m helpers.kit build classroom-kit --model florence-community/Florence-2-base-ft --weight-format int8
+    hf download florence-community/Florence-2-base-ft     # once, where the hub is reachable (or any local folder)
+    python -m helpers.kit build classroom-kit --model florence-community/Florence-2-base-ft
     # copy classroom-kit/ to each laptop, then:
-    FLORENCE2_KIT=/media/usb/classroom-kit make run
+    FLORENCE2_KIT=/media/usb/classroom-kit FLORENCE2_MODEL=florence-community/Florence-2-base-ft make run
 
-Building needs the hub (or local checkpoint folders); using a kit needs no network at all.
+Building needs the checkpoint: a local folder, the Hugging Face cache (works offline) or the hub. Using a kit needs
+no network and no Hugging Face cache: :func:`helpers.models.ensure_converted` takes a model from the kit before
+converting anything, in the weight format a lesson asks for when the kit holds it, else in the one it holds.
 Taught in ``notebooks/00_setup.ipynb``.
 """
 
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tarfile
@@ -42,19 +44,12 @@ def build_kit(
 
     kit = Path(output_dir).expanduser().resolve()
     (kit / "models").mkdir(parents=True, exist_ok=True)
-    previous = os.environ.get("FLORENCE2_MODELS_DIR")
-    os.environ["FLORENCE2_MODELS_DIR"] = str(kit / "models")  # convert straight into the kit
     entries = []
-    try:
-        for model in models:
-            for weight_format in weight_formats:
-                folder = model_registry.ensure_converted(model, weight_format)
-                entries.append({"model": model, "weight_format": weight_format, "path": str(folder.relative_to(kit))})
-    finally:
-        if previous is None:
-            os.environ.pop("FLORENCE2_MODELS_DIR", None)
-        else:
-            os.environ["FLORENCE2_MODELS_DIR"] = previous
+    for model in models:
+        for weight_format in weight_formats:
+            # Into the kit's own folder, and never another model in place of the one asked for.
+            folder = model_registry.ensure_converted(model, weight_format, cache_dir=kit / "models", fallback=False)
+            entries.append({"model": model, "weight_format": weight_format, "path": str(folder.relative_to(kit))})
     if include_samples:
         from helpers.samples import sample_path
 
@@ -83,6 +78,33 @@ def read_kit(kit_dir: str | Path) -> dict:
             "`python -m helpers.kit build <folder> --model <hub id>` on a machine with internet."
         )
     return json.loads(manifest.read_text())
+
+
+def find_in_kit(kit_dir: str | Path, model: str, weight_format: str | None = None) -> Path | None:
+    """The kit's conversion of ``model`` (as typed when the kit was built, or the same local folder's content), or
+    ``None`` when the kit does not hold it. ``weight_format`` is preferred; when the kit holds the model in other
+    formats only, the first of them is returned and a note on stderr says which one is used instead."""
+    from helpers.conversion import is_converted
+    from helpers.models import converted_dir
+
+    kit = Path(kit_dir).expanduser().resolve()
+    held = {}
+    for entry in read_kit(kit)["models"]:
+        folder = kit / entry["path"]
+        same_model = entry["model"] == model or folder == converted_dir(model, entry["weight_format"], kit / "models")
+        if same_model and is_converted(folder, weight_format=entry["weight_format"]):
+            held.setdefault(entry["weight_format"], folder)
+    if not held:
+        return None
+    if weight_format is None or weight_format in held:
+        return held.get(weight_format) or next(iter(held.values()))
+    used, folder = next(iter(held.items()))
+    print(
+        f"ℹ️  The classroom kit {kit} holds {model} as {', '.join(held)}, not {weight_format}: using its {used} "
+        "conversion.",
+        file=sys.stderr,
+    )
+    return folder
 
 
 def main(argv: list[str] | None = None) -> int:

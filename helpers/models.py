@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,8 @@ ModelKind = Literal["real", "teaching", "random"]
 #: :func:`helpers.teaching.train.save_model`) or ``"random"`` (written by :mod:`helpers.tiny`). transformers keeps
 #: unknown config keys, so the mark survives ``save_pretrained`` and the conversion to OpenVINO.
 MODEL_KIND_KEY = "florence2_collection_kind"
+#: Key in a teaching model's ``config.json`` listing the tasks it was trained on (see :func:`teaching_tasks`).
+TRAINED_TASKS_KEY = "florence2_trained_tasks"
 
 
 @dataclass(frozen=True)
@@ -69,13 +72,18 @@ def device_from_env(default: str = DEFAULT_DEVICE) -> str:
 
 
 def models_dir() -> Path:
-    """Where conversions are cached: ``FLORENCE2_MODELS_DIR``, else a classroom kit's ``models/`` folder
-    (``FLORENCE2_KIT``, see :mod:`helpers.kit`), else ``<repository>/models``."""
+    """Where conversions are written and cached: ``FLORENCE2_MODELS_DIR``, else ``<repository>/models``.
+
+    A classroom kit (``FLORENCE2_KIT``) is read before this cache, never written to: see :func:`kit_from_env`."""
     if os.environ.get("FLORENCE2_MODELS_DIR"):
         return Path(os.environ["FLORENCE2_MODELS_DIR"]).expanduser().resolve()
-    if os.environ.get("FLORENCE2_KIT"):
-        return (Path(os.environ["FLORENCE2_KIT"]).expanduser() / "models").resolve()
     return (REPO_ROOT / "models").resolve()
+
+
+def kit_from_env() -> Path | None:
+    """The classroom kit the notebooks read converted models from: ``FLORENCE2_KIT`` (see :mod:`helpers.kit`)."""
+    kit = os.environ.get("FLORENCE2_KIT", "").strip()
+    return Path(kit).expanduser().resolve() if kit else None
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -89,9 +97,78 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def in_hf_cache(model_id: str) -> bool:
+    """True when ``model_id`` was downloaded before (``hf download``, ``from_pretrained``) into the Hugging Face cache
+    (``HF_HUB_CACHE`` / ``HF_HOME``): it converts with no network then."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+    except ValueError:  # not a valid repo id (huggingface_hub's HFValidationError is a ValueError)
+        return False
+
+
+def hub_model_unavailable(model: str, cache_dir: Path | None = None) -> str | None:
+    """Why hub id ``model`` cannot be had here, or ``None`` when it can: it is a local folder or a named offline
+    model, the classroom kit holds it, it was converted before, it is in the Hugging Face cache, or the hub answers."""
+    if model in (TINY_MODEL, BASE_RANDOM_MODEL, TEACHING_MODEL) or Path(model).expanduser().exists():
+        return None
+    from helpers.kit import find_in_kit
+
+    kit = kit_from_env()
+    if kit is not None and find_in_kit(kit, model) is not None:
+        return None
+    if any(((cache_dir or models_dir()) / _slug(model)).glob("*/manifest.json")) or in_hf_cache(model):
+        return None
+    if hub_reachable():
+        return None
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    hub = "the Hugging Face hub is unreachable" + (" (HF_HUB_OFFLINE is set)" if offline else "")
+    where = f"the classroom kit {kit}" if kit is not None else "a classroom kit (FLORENCE2_KIT is not set)"
+    return (
+        f"{hub}, and it is not in {where}, not among the converted models in "
+        f"{cache_dir or models_dir()} and not in the Hugging Face cache"
+    )
+
+
+#: In ``models_dir()``: the SHA-256 of each source weight file hashed so far, with the size, change time and inode it
+#: had then, so a folder's content hash is computed once, not at every load (a 3 GB checkpoint takes ~5 s to hash).
+CONTENT_HASHES_FILE = ".content-hashes.json"
+
+
+def _file_digest(path: Path) -> str:
+    """SHA-256 of a weight file, remembered in :data:`CONTENT_HASHES_FILE` while its size/mtime/inode are unchanged."""
+    import hashlib
+    import json
+
+    info = path.stat()
+    key, stamp = str(path.resolve()), [info.st_size, info.st_mtime_ns, info.st_ino]
+    memo_path = models_dir() / CONTENT_HASHES_FILE
+    try:
+        memo = json.loads(memo_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        memo = {}
+    entry = memo.get(key) if isinstance(memo, dict) else None
+    if isinstance(entry, dict) and entry.get("stamp") == stamp:
+        return entry["sha256"]
+    with path.open("rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    memo = memo if isinstance(memo, dict) else {}
+    memo[key] = {"stamp": stamp, "sha256": digest}
+    partial = memo_path.with_name(f"{CONTENT_HASHES_FILE}.{os.getpid()}")
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(memo), encoding="utf-8")
+        partial.replace(memo_path)
+    except OSError:  # a read-only cache: hash again next time
+        pass
+    return digest
+
+
 def _slug(model_id_or_path: str) -> str:
-    """A folder name for a model: the hub name, or a local folder's name plus a short hash of its *content*
-    (config and weight sizes), so a cache or classroom kit still matches after the folder is moved or copied."""
+    """A folder name for a model: the hub name, or a local folder's name plus a short hash of its *content* (JSON
+    files and weights), so a cache or classroom kit still matches after the folder is moved or copied, and a model
+    retrained into the same folder gets a new conversion instead of the stale one."""
     path = Path(model_id_or_path).expanduser()
     if path.is_dir():
         import hashlib
@@ -100,19 +177,20 @@ def _slug(model_id_or_path: str) -> str:
         weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))  # .bin: original-layout folders
         for item in sorted(path.glob("*.json")) + weights:
             digest.update(item.name.encode())
-            digest.update(item.read_bytes() if item.suffix == ".json" else str(item.stat().st_size).encode())
+            digest.update(item.read_bytes() if item.suffix == ".json" else _file_digest(item).encode())
         return f"{path.resolve().name}-{digest.hexdigest()[:8]}"
     return re.sub(r"[^A-Za-z0-9._-]+", "--", model_id_or_path)
 
 
-def resolve_model(model: str) -> str:
+def resolve_model(model: str, *, cache_dir: Path | None = None, fallback: bool = True) -> str:
     """Turn what a user typed into a hub id or an existing folder.
 
-    ``tiny`` builds (once) and returns the offline tiny model; ``teaching`` returns the shipped teaching model.
-    When the default hub model is asked for but the hub is unreachable and nothing is cached, say so loudly and fall
-    back to the teaching model (trained here on generated shape scenes: real boxes and captions on such scenes), or
-    to the random-weight tiny model if the teaching model is missing, so an offline classroom still runs every
-    lesson end to end.
+    ``tiny`` builds (once, in ``cache_dir``, default :func:`models_dir`) and returns the offline tiny model;
+    ``teaching`` returns the shipped teaching model. When the default hub model is asked for but cannot be had (see
+    :func:`hub_model_unavailable`), say so loudly and — if ``fallback`` — use the teaching model (trained here on
+    generated shape scenes: real boxes and captions on such scenes), or the random-weight tiny model if the teaching
+    model is missing, so an offline classroom still runs every lesson end to end. Without ``fallback`` (building a
+    kit) the hub id is returned and the conversion then fails with a message that says how to get the checkpoint.
     """
     if model == TEACHING_MODEL:
         from helpers.teaching import TEACHING_MODEL_DIR, teaching_model_available
@@ -127,50 +205,103 @@ def resolve_model(model: str) -> str:
     if model == TINY_MODEL:
         from helpers.tiny import make_tiny_florence2
 
-        return str(make_tiny_florence2(models_dir() / "tiny-florence2"))
+        return str(make_tiny_florence2((cache_dir or models_dir()) / "tiny-florence2"))
     if model == BASE_RANDOM_MODEL:
         from helpers.tiny import make_random_florence2
 
-        return str(make_random_florence2(models_dir() / "base-random-florence2", "base"))
-    if Path(model).expanduser().exists() or model != DEFAULT_MODEL:
+        return str(make_random_florence2((cache_dir or models_dir()) / "base-random-florence2", "base"))
+    if not fallback or model != DEFAULT_MODEL:
         return model
-    if hub_reachable() or any((models_dir() / _slug(model)).glob("*/manifest.json")):
+    reason = hub_model_unavailable(model, cache_dir)
+    if reason is None:
         return model
     from helpers.teaching import teaching_model_available
 
+    fix = (
+        "    To use a real model offline, download it once (`hf download <hub id>`) or use a classroom kit\n"
+        "    (FLORENCE2_KIT, see helpers/kit.py), or set FLORENCE2_MODEL to a downloaded Florence-2 folder."
+    )
     if teaching_model_available():
         print(
-            f"⚠️  The Hugging Face hub is unreachable, so {model} cannot be downloaded.\n"
-            "    Using the offline TEACHING model instead (FLORENCE2_MODEL=teaching): a 4.7M-parameter Florence-2\n"
-            "    trained in this repository on generated scenes. It boxes, names and counts coloured circles, squares\n"
-            "    and triangles and reads a small set of words; on photos and other text its answers are meaningless.\n"
-            "    To use a real model offline, set FLORENCE2_MODEL to a downloaded Florence-2 folder."
+            f"⚠️  {model} cannot be loaded: {reason}.\n"
+            "    Using the offline TEACHING model instead (FLORENCE2_MODEL=teaching): a small Florence-2 trained in\n"
+            "    this repository on generated scenes of coloured circles, squares and triangles with a word; on photos\n"
+            f"    and other text its answers are meaningless.\n{fix}"
         )
         return resolve_model(TEACHING_MODEL)
     print(
-        f"⚠️  The Hugging Face hub is unreachable, so {model} cannot be downloaded.\n"
-        "    Using the offline tiny model instead: it runs every step, but its answers are random.\n"
-        "    To use a real model offline, set FLORENCE2_MODEL to a downloaded Florence-2 folder."
+        f"⚠️  {model} cannot be loaded: {reason}.\n"
+        f"    Using the offline tiny model instead: it runs every step, but its answers are random.\n{fix}"
     )
-    return resolve_model(TINY_MODEL)
+    return resolve_model(TINY_MODEL, cache_dir=cache_dir)
 
 
-def converted_dir(model_id_or_path: str, weight_format: str) -> Path:
-    """The cache folder for one model in one weight format."""
-    return models_dir() / _slug(model_id_or_path) / weight_format
+def resolve_pytorch_model(model: str) -> str:
+    """:func:`resolve_model` for a lesson that needs the PyTorch weights (benchmarking, fine-tuning): when ``model``'s
+    checkpoint is not on this machine and cannot be downloaded — a classroom kit holds only its OpenVINO conversion —
+    say so and use the teaching model instead. Taught in ``notebooks/11_speed.ipynb``."""
+    source = resolve_model(model)
+    if Path(source).expanduser().is_dir() or in_hf_cache(source) or hub_reachable():
+        return source
+    print(
+        f"⚠️  The PyTorch checkpoint of {model} is not on this machine and the hub is unreachable (a classroom kit\n"
+        "    holds only its OpenVINO conversion), but this lesson needs PyTorch. Using the offline TEACHING model\n"
+        "    instead (FLORENCE2_MODEL=teaching). Download the checkpoint once (`hf download <hub id>`) to use yours."
+    )
+    return resolve_model(TEACHING_MODEL)
 
 
-def ensure_converted(model_id_or_path: str, weight_format: str = "fp16", *, overwrite: bool = False) -> Path:
-    """Convert ``model_id_or_path`` into the cache the first time; later calls return the cached folder."""
-    from helpers.conversion import GRAPH_VERSION, convert_florence2, graph_version, is_converted
+def converted_dir(model_id_or_path: str, weight_format: str, cache_dir: Path | None = None) -> Path:
+    """The cache folder for one model in one weight format (under ``cache_dir``, default :func:`models_dir`)."""
+    return (cache_dir or models_dir()) / _slug(model_id_or_path) / weight_format
 
-    model = resolve_model(model_id_or_path)
-    folder = converted_dir(model, weight_format)
-    if not overwrite and is_converted(folder, weight_format=weight_format):
-        if graph_version(folder) < GRAPH_VERSION:
-            return _upgrade_conversion(model, folder, weight_format)
-        return folder  # the folder name already identifies the source (see _slug), even after a move
-    return convert_florence2(model, folder, weight_format, overwrite=overwrite)
+
+def repair_hint(model_id_or_path: str, weight_format: str) -> str:
+    """How a user repairs a damaged cached conversion: the one call (and its command-line form) that converts again."""
+    return (
+        f"Repair it with `load_model({model_id_or_path!r}, {weight_format!r}, reconvert=True)` (command line: add "
+        "--reconvert)."
+    )
+
+
+def ensure_converted(
+    model_id_or_path: str,
+    weight_format: str = "fp16",
+    *,
+    reconvert: bool = False,
+    cache_dir: Path | None = None,
+    fallback: bool = True,
+) -> Path:
+    """Convert ``model_id_or_path`` into the cache the first time; later calls return the cached folder.
+
+    With ``FLORENCE2_KIT`` set and no ``cache_dir`` given, a conversion the kit holds comes first — in the asked
+    weight format, else in the one the kit has (saying so). ``cache_dir`` and ``fallback``: see
+    :func:`resolve_model` (a kit build converts into its own folder and never falls back to another model).
+    The cached folder is checked against its manifest (hashes the first time it is used and whenever a file
+    changed); a damaged one is refused with the file named and the repair: ``reconvert=True`` converts again.
+    """
+    from helpers.conversion import GRAPH_VERSION, IncompleteConversionError, convert_florence2, verify_conversion
+
+    kit = kit_from_env()
+    if kit is not None and cache_dir is None and not reconvert:
+        from helpers.kit import find_in_kit
+
+        held = find_in_kit(kit, model_id_or_path, weight_format)
+        if held is not None:
+            return held
+    model = resolve_model(model_id_or_path, cache_dir=cache_dir, fallback=fallback)
+    folder = converted_dir(model, weight_format, cache_dir)
+    if reconvert or not folder.is_dir() or not any(folder.iterdir()):
+        return convert_florence2(model, folder, weight_format, overwrite=reconvert)
+    fix = repair_hint(model_id_or_path, weight_format)
+    manifest = verify_conversion(folder, check_hashes="once", fix=fix)
+    if manifest.get("weight_format") != weight_format:
+        raise IncompleteConversionError(
+            f"{folder} holds a {manifest.get('weight_format')} conversion, not {weight_format}. {fix}"
+        )
+    if int(manifest.get("graph_version", 1)) < GRAPH_VERSION:
+        return _upgrade_conversion(model, folder, weight_format)
+    return folder  # the folder name already identifies the source and its content (see _slug), even after a move
 
 
 def _upgrade_conversion(model: str, folder: Path, weight_format: str) -> Path:
@@ -191,16 +322,27 @@ def load_model(
     weight_format: str = "fp16",
     device: str = DEFAULT_DEVICE,
     ov_config: dict | None = None,
+    *,
+    reconvert: bool = False,
     **model_kwargs,
 ):
-    """Convert if needed, then return ``(OVFlorence2Model, processor)`` ready for :func:`helpers.tasks.run_task`."""
+    """Convert if needed, then return ``(OVFlorence2Model, processor)`` ready for :func:`helpers.tasks.run_task`.
+    ``reconvert=True`` converts again over the cached folder (the repair for a damaged one)."""
     from transformers import AutoProcessor
 
+    from helpers.conversion import IncompleteConversionError
     from helpers.ov_model import OVFlorence2Model
 
-    folder = ensure_converted(model_id_or_path, weight_format)
+    folder = ensure_converted(model_id_or_path, weight_format, reconvert=reconvert)
     model = OVFlorence2Model(folder, device=device, ov_config=ov_config, **model_kwargs)
-    return model, AutoProcessor.from_pretrained(folder, trust_remote_code=False)
+    try:
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError) as error:  # a damaged tokenizer.json: UnicodeDecodeError …
+        raise IncompleteConversionError(
+            f"The processor files in {folder} (tokenizer.json, processor_config.json …) cannot be read "
+            f"({type(error).__name__}: {error}). {repair_hint(model_id_or_path, weight_format)}"
+        ) from error
+    return model, processor
 
 
 def model_kind(model: Any) -> ModelKind:
@@ -224,6 +366,67 @@ def model_kind(model: Any) -> ModelKind:
     return "random" if vocab_size is not None and vocab_size < 10_000 else "real"
 
 
+def teaching_tasks(folder: str | Path | None = None) -> tuple[str, ...]:
+    """The tasks the teaching model in ``folder`` (default: the shipped one) was trained on, as recorded with it:
+    ``florence2_trained_tasks`` in its ``config.json``, else ``tasks`` in its ``training.json`` (of ``folder``, then
+    of the shipped model), else the six tasks of the first teaching model (:data:`helpers.teaching.scenes.TEACHING_TASKS`, which recorded neither). Lessons
+    print their caveats from this list, so they disappear for tasks a retrained model learned.
+    Taught in ``notebooks/04_captioning.ipynb``."""
+    import json
+
+    from helpers.teaching import TEACHING_MODEL_DIR
+    from helpers.teaching.scenes import TEACHING_TASKS
+
+    folders = [Path(folder)] if folder is not None else []
+    for place in [*folders, TEACHING_MODEL_DIR]:  # a converted copy may lack training.json: the shipped one has it
+        for name, key in (("config.json", TRAINED_TASKS_KEY), ("training.json", "tasks")):
+            try:
+                recorded = json.loads((place / name).read_text()).get(key)
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(recorded, list) and recorded:
+                return tuple(str(task) for task in recorded)
+    return TEACHING_TASKS
+
+
+def trained_tasks(model: Any) -> tuple[str, ...]:
+    """The Florence-2 tasks ``model`` (a loaded model, its config or a folder, as for :func:`model_kind`) gives
+    meaningful answers to: all 15 for a real checkpoint, none for random weights, the recorded list for the
+    teaching model (see :func:`teaching_tasks`; a converted teaching model carries its config's list)."""
+    from helpers.tasks import TASKS
+
+    kind = model_kind(model)
+    if kind == "real":
+        return tuple(TASKS)
+    if kind == "random":
+        return ()
+    if isinstance(model, (str, Path)):
+        return teaching_tasks(model)  # a folder: its own config.json / training.json
+    recorded = getattr(getattr(model, "config", model), TRAINED_TASKS_KEY, None)  # survives the conversion
+    return tuple(recorded) if recorded else teaching_tasks()
+
+
+def untrained_notice(model: Any, tasks: Sequence[str]) -> str:
+    """One line on what the answers to ``tasks`` (those a lesson section runs) are worth on ``model``, computed from
+    what the model was trained on (:func:`trained_tasks`), so a lesson never states it from memory.
+    Taught in ``notebooks/04_captioning.ipynb``."""
+    kind = model_kind(model)
+    if kind == "real":
+        return "✅ A Florence-2 checkpoint, trained on every task: judge the answers against the picture."
+    if kind == "random":
+        return "⚠️  Random weights: every answer above is noise (only its structure is checked)."
+    known = set(trained_tasks(model))
+    missing = [task for task in tasks if task not in known]
+    trained = [task for task in tasks if task in known]
+    if not missing:
+        which = "every task" if len(tasks) > 1 else "the task"
+        return (f"✅ The teaching model was trained on {which} above, so its answers on its scene are real attempts: "
+                "check them against the picture (lesson 12's quality table says how often it is right).")
+    meaningless = "that answer is" if len(missing) == 1 else "those answers are"
+    line = f"ℹ️  The teaching model was not trained on {', '.join(missing)}: {meaningless} meaningless"
+    return line + (f"; it was trained on {', '.join(trained)}." if trained else ".")
+
+
 def model_kind_notice(kind: ModelKind) -> str:
     """The banner a lesson prints under its model (empty for a real checkpoint). Taught in
     ``notebooks/04_captioning.ipynb``."""
@@ -233,13 +436,18 @@ def model_kind_notice(kind: ModelKind) -> str:
             "    For real answers, set FLORENCE2_MODEL to a Florence-2 checkpoint (hub online, or a downloaded folder)."
         )
     if kind == "teaching":
-        from helpers.teaching.scenes import TEACHING_TASKS
+        from helpers.tasks import TASKS
 
+        tasks = teaching_tasks()
+        scope = (
+            "It was trained on every Florence-2 task."
+            if set(TASKS) <= set(tasks)
+            else f"It was trained on these tasks only; other tasks give meaningless answers:\n    {' '.join(tasks)}"
+        )
         return (
             "ℹ️  Offline TEACHING model: a small Florence-2 trained in this repository on generated shape scenes.\n"
             "    Its answers are meaningful on such scenes only, so this lesson shows it a held-out scene instead of\n"
-            "    photos and documents. It was trained on these tasks only; other tasks give meaningless answers:\n"
-            f"    {' '.join(TEACHING_TASKS)}\n"
+            f"    photos and documents. {scope}\n"
             "    For a real model, set FLORENCE2_MODEL to a Florence-2 checkpoint (hub online, or a downloaded folder)."
         )
     return ""

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
+from helpers.tasks import LOCATION_TOKEN
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -188,7 +190,8 @@ def _polygon_parts(raw: Any, size: tuple[int, int]) -> tuple[list[Point], ...]:
 
 
 def _label_text(raw: Any) -> str:
-    """A single printable line: control characters removed, whitespace collapsed, length capped."""
+    """A single printable line: ``<loc_N>`` tokens (a region task's answer repeats its region) and control
+    characters removed, whitespace collapsed, length capped."""
     if raw is None:
         text = ""
     elif isinstance(raw, bytes):
@@ -197,6 +200,7 @@ def _label_text(raw: Any) -> str:
         text = str(raw)
     # Lone surrogates cannot be encoded for the font engine; control/format characters would break the layout.
     text = text.encode("utf-8", "replace").decode("utf-8")
+    text = LOCATION_TOKEN.sub(" ", text)
     text = "".join(" " if unicodedata.category(ch).startswith(("C", "Z")) else ch for ch in text)
     text = " ".join(text.split())
     if len(text) > MAX_LABEL_CHARS:
@@ -354,6 +358,9 @@ def _draw_label(
     width, height = size
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     pad = max(2, round((bottom - top) * 0.2))
+    while len(text) > 1 and right - left + 2 * pad > width - 2:  # too wide for the image: shorten, never overflow
+        text = text[:-2].rstrip() + "…"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     box_w, box_h = right - left + 2 * pad, bottom - top + 2 * pad
     x = min(max(anchor[0], 0), max(width - box_w, 0))
     y = anchor[1] - box_h
@@ -471,7 +478,7 @@ def plot_answer(
     inner = _unwrap(answer)
     kind = answer_kind(inner)
     if kind == "text":
-        text = " ".join(inner.split()) or "(empty answer)"
+        text = " ".join(LOCATION_TOKEN.sub(" ", inner).split()) or "(empty answer)"
         lines = textwrap.wrap(text, width=90)
         caption = "\n".join(lines[:12] + (["…"] if len(lines) > 12 else []))
     else:

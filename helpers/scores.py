@@ -47,9 +47,9 @@ from helpers.tasks import (
     TASKS,
     _cut_after_eos,
     _eos_ids,
-    _generate_kwargs,
     _prepare_inputs,
     build_prompt,
+    check_generate_kwargs,
     load_image,
     resolve_task,
 )
@@ -128,11 +128,14 @@ class _Text:
     """The generated text with, for every character, the index of the token it came from."""
 
     def __init__(self, processor: Any, token_ids: Sequence[int]) -> None:
+        # Ids past the tokenizer (real checkpoints pad the vocabulary to 51328; a model can emit a padding id) have
+        # no text: batch_decode drops them, so they are left out here too, keeping every other token's index.
+        known = [i for i, token in enumerate(token_ids) if 0 <= int(token) < len(processor.tokenizer)]
         # The post-processor's own decoder: one string per token, special tokens written out.
-        full, spans = processor.post_processor.decode_with_spans(list(token_ids))
+        full, spans = processor.post_processor.decode_with_spans([int(token_ids[i]) for i in known])
         owner = [0] * len(full)
         for index, (start, end) in enumerate(spans):
-            owner[start:end] = [index] * (end - start)
+            owner[start:end] = [known[index]] * (end - start)
         text, keep = full, list(range(len(full)))
         for dropped in _DROPPED:  # like str.replace(dropped, ""), remembering where each kept character was
             gone = {i for m in re.finditer(re.escape(dropped), text) for i in range(m.start(), m.end())}
@@ -390,7 +393,7 @@ def run_tasks_batch_with_scores(
         if len(texts) != len(pictures):
             raise ValueError(f"Got {len(pictures)} images but {len(texts)} text inputs; give one per image.")
     prompts = [build_prompt(token, text, image_size=picture.size) for text, picture in zip(texts, pictures)]
-    kwargs = _generate_kwargs(model, generate_kwargs)
+    kwargs = check_generate_kwargs(model, generate_kwargs)
     inputs = _prepare_inputs(model, processor(text=prompts, images=pictures, return_tensors="pt", padding=True))
     output = _generate_with_scores(model, inputs, kwargs)
     log_probs = token_log_probs(output)

@@ -2,23 +2,26 @@
 
 This is what ``make run`` does:
 
-1. choose the model the notebooks use (``FLORENCE2_MODEL``):
-   - the value of ``FLORENCE2_MODEL`` if you set it (a hub id or a local folder);
-   - else ``florence-community/Florence-2-base-ft`` if the Hugging Face hub answers;
-   - else (hub unreachable, or ``HF_HUB_OFFLINE=1``) the teaching model shipped in ``helpers/data/teaching-model``,
-     trained here on generated shape scenes: the lessons then show it such a scene and its answers are real there
-     (if it is missing, a tiny random-weight model built offline in ``models/tiny-florence2``, whose answers are
-     noise);
+1. choose the model the notebooks use: ``FLORENCE2_MODEL`` if you set it (a hub id, a local folder, ``teaching``,
+   ``tiny``), else ``florence-community/Florence-2-base-ft``. A hub id is used when it can be had without a download
+   (a classroom kit in ``FLORENCE2_KIT``, an earlier conversion, the Hugging Face cache) or the hub answers. When the
+   default model cannot be had, the run says so and uses the teaching model shipped in ``helpers/data/teaching-model``
+   (trained here on generated shape scenes: the lessons then show it such a scene and its answers are real there;
+   if it is missing, a tiny random-weight model whose answers are noise). Any other model that cannot be had stops
+   the run before the first notebook;
 2. execute ``notebooks/NN_*.ipynb`` one after the other in fresh kernels started in ``notebooks/``;
-3. write each executed notebook to ``output/`` as ``.ipynb`` and ``.html``.
+3. write each executed notebook to ``output/`` as ``.ipynb`` and ``.html``. The HTML page is static: it says that
+   widgets need a live kernel and shows their text form (ipywidgets' page JavaScript ships in no Python package,
+   and an offline page must not fetch it from a CDN).
 
 It stops at the first notebook that fails, names the notebook and the cell, and exits non-zero. The executed copy
 of the failing notebook is still written, so the traceback can be read in ``output/``.
 
-Environment passed to the kernels: ``FLORENCE2_MODEL``, ``FLORENCE2_DEVICE`` (default ``AUTO``) and
-``FLORENCE2_MODELS_DIR`` (default ``<repo>/models``, where converted models are cached between runs).
+Environment passed to the kernels: ``FLORENCE2_MODEL`` (the model chosen above), ``FLORENCE2_DEVICE`` (default
+``AUTO``) and whatever else you set, e.g. ``FLORENCE2_KIT`` or ``FLORENCE2_MODELS_DIR`` (where conversions are cached,
+default ``<repo>/models``).
 
-Usage: ``python scripts/run_collection.py [NAME ...] [--timeout SECONDS]``; each NAME selects the notebooks whose
+Usage: ``python scripts/run_collection.py [NAME ...] [--timeout SECONDS] [--output-dir DIR]``; each NAME selects the notebooks whose
 file name starts with it (``04`` or ``04_captioning``).
 """
 
@@ -29,67 +32,39 @@ import os
 import re
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS_DIR = REPO / "notebooks"
 OUTPUT_DIR = REPO / "output"
-DEFAULT_MODEL = "florence-community/Florence-2-base-ft"
-HUB_URL = "https://huggingface.co"
 NOTEBOOK_NAME = re.compile(r"^\d\d_.+\.ipynb$")
 
 
-def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
-    """Whether the Hugging Face hub answers a HEAD request within ``timeout`` seconds, and why not if it does not."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
-        return False, "HF_HUB_OFFLINE is set"
-    try:
-        request = urllib.request.Request(HUB_URL, method="HEAD")
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            if response.status < 400:
-                return True, f"HTTP {response.status}"
-            return False, f"{HUB_URL} answered HTTP {response.status}"
-    except urllib.error.HTTPError as error:
-        return False, f"{HUB_URL} answered HTTP {error.code}"
-    except Exception as error:  # DNS failure, refused connection, timeout, proxy trouble, TLS error...
-        return False, f"no answer from {HUB_URL} within {timeout:g} s ({type(error).__name__}: {error})"
-
-
 def choose_model() -> str:
-    """The model the notebooks will use; the offline teaching model (else the tiny one) if the hub cannot be
-    reached."""
-    chosen = os.environ.get("FLORENCE2_MODEL", "").strip()
-    if chosen:
-        print(f"Model: {chosen} (from FLORENCE2_MODEL)")
-        return chosen
-    reachable, reason = hub_reachable()
-    if reachable:
-        print(f"Model: {DEFAULT_MODEL} (the Hugging Face hub is reachable)")
-        return DEFAULT_MODEL
-    os.environ["HF_HUB_OFFLINE"] = "1"  # the kernels must not wait on the network either
-    from helpers.teaching import TEACHING_MODEL_DIR, teaching_model_available
+    """The model the notebooks will use: ``FLORENCE2_MODEL`` (default Florence-2-base-ft) when it can be had — a
+    local folder, the classroom kit (``FLORENCE2_KIT``), the converted-model cache, the Hugging Face cache or the
+    hub; for the default model otherwise the offline teaching model (else the tiny one), announced as such. Any
+    other model that cannot be had stops the run before a notebook starts."""
+    from helpers.models import DEFAULT_MODEL, TEACHING_MODEL, hub_model_unavailable, hub_reachable, resolve_model
+    from helpers.teaching import TEACHING_MODEL_DIR
 
-    if teaching_model_available():
-        print("=" * 100)
-        print(f"The Hugging Face hub is UNREACHABLE: {reason}.")
-        print(f"Using the offline TEACHING model instead: {TEACHING_MODEL_DIR}")
-        print("It was trained here on generated shape scenes: the lessons show it such a scene, where its boxes and")
-        print("captions are right; tasks it was not trained on give meaningless answers (each lesson says which).")
-        print("For a real model, run where the hub is reachable, or set FLORENCE2_MODEL to a downloaded model folder.")
-        print("=" * 100)
-        return "teaching"
-    tiny_dir = REPO / "models" / "tiny-florence2"
+    if not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # the kernels must not wait on the network either
+    asked = os.environ.get("FLORENCE2_MODEL", "").strip()
+    model = asked or DEFAULT_MODEL
+    reason = hub_model_unavailable(model)
+    if reason is None:
+        print(f"Model: {model} ({'from FLORENCE2_MODEL' if asked else 'the default'})")
+        return model
+    if model != DEFAULT_MODEL:
+        raise SystemExit(
+            f"error: {model} (FLORENCE2_MODEL) cannot be loaded: {reason}. Download it once (`hf download {model}`), "
+            "point FLORENCE2_KIT at a classroom kit that holds it, or set FLORENCE2_MODEL to a local model folder."
+        )
     print("=" * 100)
-    print(f"The Hugging Face hub is UNREACHABLE: {reason}.")
-    print(f"Using the offline TINY model with random weights instead: {tiny_dir}")
-    print("The notebooks run end to end, but every caption, box and mask they show is noise.")
-    print("For real answers, run where the hub is reachable, or set FLORENCE2_MODEL to a downloaded model folder.")
+    fallback = resolve_model(model)  # says why, and which offline model it uses instead
     print("=" * 100)
-    from helpers.tiny import make_tiny_florence2  # imports torch and transformers: only when needed
-
-    return str(make_tiny_florence2(tiny_dir))
+    return TEACHING_MODEL if fallback == str(TEACHING_MODEL_DIR) else fallback
 
 
 def find_notebooks(selectors: list[str]) -> list[Path]:
@@ -103,15 +78,46 @@ def find_notebooks(selectors: list[str]) -> list[Path]:
     return notebooks
 
 
-def write_outputs(notebook, name: str) -> tuple[Path, Path]:
-    """Write the executed notebook and its HTML rendering to output/."""
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+#: Shown at the top of an HTML copy that had widgets: their JavaScript (ipywidgets' HTML manager) ships in no Python
+#: package, and the page must not load it from a CDN, so the copy shows each widget's text form instead.
+WIDGETS_NOTE = (
+    "> **This page is a static copy of an executed lesson.** Widgets (the model, format and device selectors, the "
+    "demo, progress bars) need a live kernel: open the notebook in Jupyter (`make lab`) to use them. Where a widget "
+    "was, this page shows its text form."
+)
+
+
+def static_copy(notebook):
+    """A copy of ``notebook`` for the HTML page: widget views replaced by their text form, the widget state dropped
+    (so the page loads no widget JavaScript from a CDN), and a note saying so when there were widgets."""
+    import copy
+
+    import nbformat
+
+    page = copy.deepcopy(notebook)
+    had_widgets = False
+    for cell in page.cells:
+        for output in cell.get("outputs", []):
+            if WIDGET_VIEW in output.get("data", {}):
+                had_widgets = True
+                del output["data"][WIDGET_VIEW]
+    page.metadata.pop("widgets", None)
+    if had_widgets:
+        page.cells.insert(0, nbformat.v4.new_markdown_cell(WIDGETS_NOTE))
+    return page
+
+
+def write_outputs(notebook, name: str, output_dir: Path = OUTPUT_DIR) -> tuple[Path, Path]:
+    """Write the executed notebook (widget state included) and its HTML rendering (see :func:`static_copy`) to
+    ``output_dir``."""
     import nbformat
     from nbconvert import HTMLExporter
 
-    OUTPUT_DIR.mkdir(exist_ok=True)
-    ipynb_path = OUTPUT_DIR / name
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ipynb_path = output_dir / name
     nbformat.write(notebook, ipynb_path)
-    html, _ = HTMLExporter().from_notebook_node(notebook)
+    html, _ = HTMLExporter().from_notebook_node(static_copy(notebook))
     html_path = ipynb_path.with_suffix(".html")
     html_path.write_text(html, encoding="utf-8")
     return ipynb_path, html_path
@@ -161,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", help="run only notebooks whose file name starts with one of these")
     parser.add_argument("--timeout", type=int, default=int(os.environ.get("FLORENCE2_CELL_TIMEOUT", "3600")),
                         help="seconds one cell may take (default 3600, or FLORENCE2_CELL_TIMEOUT)")
+    parser.add_argument("--output-dir", type=Path, default=OUTPUT_DIR, help=f"where executed copies go (default {OUTPUT_DIR})")
     args = parser.parse_args(argv)
 
     notebooks = find_notebooks(args.names)
@@ -170,10 +177,13 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ["FLORENCE2_MODEL"] = choose_model()
     os.environ.setdefault("FLORENCE2_DEVICE", "AUTO")
-    os.environ.setdefault("FLORENCE2_MODELS_DIR", str(REPO / "models"))
     os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # quiets a debugger warning at kernel start
-    print(f"Device: {os.environ['FLORENCE2_DEVICE']}; converted models cached in {os.environ['FLORENCE2_MODELS_DIR']}")
-    print(f"Running {len(notebooks)} notebook(s); executed copies go to {OUTPUT_DIR}/\n")
+    from helpers.models import kit_from_env, models_dir
+
+    kit = kit_from_env()
+    print(f"Device: {os.environ['FLORENCE2_DEVICE']}; converted models cached in {models_dir()}"
+          + (f"; classroom kit: {kit}" if kit else ""))
+    print(f"Running {len(notebooks)} notebook(s); executed copies go to {args.output_dir}/\n")
 
     started = time.perf_counter()
     for number, path in enumerate(notebooks, 1):
@@ -181,12 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         notebook, cell_index, error = run_notebook(path, args.timeout)
         seconds = time.perf_counter() - t0
-        ipynb_path, html_path = write_outputs(notebook, path.name)
+        ipynb_path, html_path = write_outputs(notebook, path.name, args.output_dir)
         if error is not None:
             print(f"[{number}/{len(notebooks)}] {path.name} FAILED after {seconds:.1f} s", flush=True)
             print(f"\nFAILED: notebooks/{path.name}", file=sys.stderr)
             print(describe_failure(notebook, cell_index, error), file=sys.stderr)
-            where = f"{ipynb_path.relative_to(REPO)} and {html_path.relative_to(REPO)}"
+            where = f"{ipynb_path} and {html_path}"
             print(f"  full traceback: {where}", file=sys.stderr)
             skipped = notebooks[number:]
             if skipped:
@@ -194,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"[{number}/{len(notebooks)}] {path.name} ok in {seconds:.1f} s", flush=True)
 
-    print(f"\nAll {len(notebooks)} notebook(s) ran in {time.perf_counter() - started:.1f} s; see {OUTPUT_DIR}/")
+    print(f"\nAll {len(notebooks)} notebook(s) ran on {os.environ['FLORENCE2_MODEL']} in "
+          f"{time.perf_counter() - started:.1f} s; see {args.output_dir}/")
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +134,15 @@ def test_a_worker_reports_its_own_peak_memory_not_its_parents(benchmark):
     script = f"import importlib.util as u; s = u.spec_from_file_location('b', {str(BENCHMARK)!r}); m = u.module_from_spec(s); s.loader.exec_module(m); print(m.peak_rss_mb())"
     child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert float(child.stdout) < parent_mb / 2, f"child peak {child.stdout.strip()} MB, parent {parent_mb:.0f} MB"
+
+
+def test_importing_the_benchmark_changes_no_environment():
+    """Lesson 11 imports the benchmark into a learner's kernel: that must not switch the kernel offline."""
+    script = (
+        "import importlib.util as u, os; before = dict(os.environ)\n"
+        f"s = u.spec_from_file_location('b', {str(BENCHMARK)!r}); m = u.module_from_spec(s); s.loader.exec_module(m)\n"
+        "print(sorted(set(os.environ.items()) ^ set(before.items())))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_VERBOSITY")}
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+    assert child.stdout.strip() == "[]", f"importing benchmark.py changed the environment: {child.stdout}"

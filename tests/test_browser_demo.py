@@ -3,15 +3,16 @@
 What happens:
 
 1. JupyterLab starts on 127.0.0.1 at a free port, with a random token, serving a temporary copy of ``notebooks/``.
-   Its kernels get ``FLORENCE2_MODEL`` = the tiny random-weight model (fixture ``tiny_model_dir``),
-   ``FLORENCE2_MODELS_DIR`` = a temporary folder and ``FLORENCE2_DEVICE=CPU``. Config, settings, workspaces and
+   Its kernels get ``FLORENCE2_MODEL=teaching`` (the offline teaching model, so the screenshot shows a right answer
+   on its scene), ``FLORENCE2_MODELS_DIR`` = a temporary folder and ``FLORENCE2_DEVICE=CPU``. Config, settings, workspaces and
    runtime files go to temporary folders too, so your own JupyterLab setup is neither used nor changed.
 2. Playwright's Python client drives Debian's Chromium (``/usr/bin/chromium``; Playwright never downloads a
    browser here): open ``10_interactive_demo.ipynb``, Run > Run All Cells, wait until every cell has run
    without an error and the demo widget is on the page.
 3. Like a user: choose "Phrase grounding" in the task dropdown (the text box must become enabled), press Run with
    an empty text (a red error box must appear and say a text is needed), type a phrase, press Run again (the
-   button must show "Running…"), then wait for the drawing and the answer JSON.
+   button must show "Running…"), then wait for the drawing and the answer JSON, which must ground every phrase of the
+   teaching scene's caption.
 4. A screenshot goes to the test's temporary folder; with ``UPDATE_SCREENSHOT=1`` it is also copied to
    ``docs/demo.png`` (the README's picture).
 
@@ -48,9 +49,11 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
 SERVER_START_TIMEOUT = 90  # s
-NOTEBOOK_RUN_TIMEOUT = 240  # s: all cells, including converting the tiny model
+NOTEBOOK_RUN_TIMEOUT = 240  # s: all cells, including converting the teaching model
 ANSWER_TIMEOUT = 120  # s: one press of Run
-PHRASE = "a woman in a uniform"
+#: The teaching scene's own caption: the teaching model grounds each of its phrases (a right answer to show).
+PHRASE = "a purple triangle, a blue square and a red circle"
+PHRASES = ("a purple triangle", "a blue square", "a red circle")
 TASK_LABEL = "Phrase grounding"
 TASK = "<CAPTION_TO_PHRASE_GROUNDING>"
 
@@ -114,7 +117,7 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture
-def lab_server(tmp_path: Path, tiny_model_dir: Path) -> Iterator[LabServer]:
+def lab_server(tmp_path: Path) -> Iterator[LabServer]:
     """JupyterLab on 127.0.0.1 serving a temporary copy of notebooks/, stopped whatever happens."""
     root = tmp_path / "notebooks"
     shutil.copytree(REPO / "notebooks", root, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "models"))
@@ -125,7 +128,7 @@ def lab_server(tmp_path: Path, tiny_model_dir: Path) -> Iterator[LabServer]:
     port, token = _free_port(), os.urandom(16).hex()
     env = {
         **os.environ,
-        "FLORENCE2_MODEL": str(tiny_model_dir),
+        "FLORENCE2_MODEL": "teaching",
         "FLORENCE2_MODELS_DIR": str(tmp_path / "converted"),
         "FLORENCE2_DEVICE": "CPU",
         "HF_HUB_OFFLINE": "1",
@@ -261,10 +264,12 @@ def test_demo_in_jupyterlab(chromium_path: str, lab_server: LabServer, tmp_path:
             expect(error_box).to_be_hidden()
             expect(answer).to_contain_text(TASK, timeout=15_000)
             expect(answer).to_contain_text('"bboxes"')
+            for phrase in PHRASES:  # a right answer: every phrase of the scene's caption gets its box
+                expect(answer).to_contain_text(f'"{phrase}"')
             page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle(),
                                    timeout=15_000)  # fmt: skip
             width, height = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
-            assert (width, height) == (512, 600), "the drawing is the grace_hopper sample (512×600) with the answer"
+            assert (width, height) == (288, 384), "the drawing is the teaching scene (288×384) with the answer"
             box = image.bounding_box()
             assert box and box["width"] > 100 and box["height"] > 100, f"drawing not visible on screen: {box}"
 

@@ -90,6 +90,25 @@ def test_label_drawn_above_the_box_with_contrasting_text(grey: Image.Image) -> N
     assert len(colours) > 2  # a filled background plus text in another colour (and anti-aliasing)
 
 
+def test_labels_never_show_location_tokens(grey: Image.Image) -> None:
+    """A region task's answer repeats its region as <loc_N> tokens; drawn as a label, only the words remain."""
+    box = [[40, 60, 120, 100]]
+    raw = draw_answer(grey, "<OD>", {"bboxes": box, "labels": ["blue square<loc_191><loc_108><loc_505><loc_344>"]})
+    words = draw_answer(grey, "<OD>", {"bboxes": box, "labels": ["blue square"]})
+    assert np.array_equal(np.asarray(raw), np.asarray(words))
+
+
+def test_a_label_wider_than_the_image_is_shortened_to_fit(grey: Image.Image) -> None:
+    """Text never runs off the picture: the label's last columns are its padding (one colour), not cut glyphs."""
+    long_label = "abcdefghijklmnopqrstuvwxyz" * 2  # no spaces: glyphs everywhere along the line
+    out = draw_answer(grey, "<OD>", {"bboxes": [[10, 60, 60, 100]], "labels": [long_label]})
+    plain = draw_answer(grey, "<OD>", {"bboxes": [[10, 60, 60, 100]], "labels": [""]})
+    label = changed(out) & ~changed(plain)
+    rows = np.nonzero(label.any(axis=1))[0]
+    right_edge = np.asarray(out)[rows][:, -2:].reshape(-1, 3)
+    assert len({tuple(p) for p in right_edge}) == 1, "glyphs reach the image's edge: the label runs off the picture"
+
+
 def test_label_moves_inside_when_no_room_above(grey: Image.Image) -> None:
     out = draw_answer(grey, "<OD>", {"bboxes": [[30, 0, 150, 120]], "labels": ["at the top"]})
     ys, _ = np.nonzero(changed(out))

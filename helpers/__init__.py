@@ -3,6 +3,7 @@
 Each module stands on its own (copy the one you need into your project):
 
 * :mod:`helpers.conversion` — ``convert_florence2``: PyTorch checkpoint → OpenVINO IR (02_convert)
+* :mod:`helpers.original_layout` — original-layout fine-tunes (``microsoft/Florence-2-*``) read as data (README)
 * :mod:`helpers.ov_model` — ``OVFlorence2Model``: OpenVINO inference with transformers' ``generate`` (02_convert)
 * :mod:`helpers.numpy_generation`, :mod:`helpers.numpy_postprocessing` — the same answers without torch (README)
 * :mod:`helpers.models` — checkpoints, ``load_model``: convert once, load anywhere (01_select_model)

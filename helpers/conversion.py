@@ -1,4 +1,5 @@
-"""Convert a Florence-2 checkpoint (transformers' native layout) to OpenVINO IR.
+"""Convert a Florence-2 checkpoint (transformers' native layout, or the original one via
+:mod:`helpers.original_layout`) to OpenVINO IR.
 
 Florence-2 is an encoder-decoder model. Running it means: encode the image once, encode the prompt once, then call
 the decoder once per generated token. So the conversion writes one IR per part, each called at its own rhythm:
@@ -202,9 +203,15 @@ def _download(model_id: str, patterns: list[str]) -> Path:
 
 
 def load_torch_model(folder: Path):
-    """Load the PyTorch model in float32, eager mode, never executing remote code."""
+    """Load the PyTorch model in float32, eager mode, never executing remote code. An original-layout folder is
+    mapped to the native layout first (:mod:`helpers.original_layout`, in a temporary folder)."""
     from transformers import AutoModelForImageTextToText
 
+    from helpers.original_layout import convert_to_native, is_original_layout
+
+    if is_original_layout(folder):
+        with tempfile.TemporaryDirectory(prefix="florence2-native-") as native:
+            return load_torch_model(convert_to_native(folder, Path(native), verbose=False))
     model = AutoModelForImageTextToText.from_pretrained(
         folder, dtype="float32", use_safetensors=True, trust_remote_code=False
     )
@@ -833,8 +840,10 @@ def convert_florence2(
 ) -> Path:
     """Convert a Florence-2 checkpoint to OpenVINO IR in ``output_dir`` and return that folder.
 
-    ``model_id_or_path`` is a hub id (``florence-community/Florence-2-base-ft``, …) or a local folder in
-    transformers' native layout. ``weight_format`` is one of ``fp32``, ``fp16``, ``int8``, ``int4``.
+    ``model_id_or_path`` is a hub id (``florence-community/Florence-2-base-ft``, …) or a local folder, in
+    transformers' native layout or the original one (``microsoft/Florence-2-*`` and most fine-tunes, mapped as data
+    by :mod:`helpers.original_layout`; no code from it runs). ``weight_format`` is one of ``fp32``, ``fp16``,
+    ``int8``, ``int4``.
     A complete conversion of the same source and format is reused unless ``overwrite``; a folder that holds
     something else is never silently replaced or used, and ``overwrite=True`` replaces only an earlier conversion,
     never the source checkpoint or a folder of other files. A full or read-only output location is refused before

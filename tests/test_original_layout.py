@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 from PIL import Image
 
 from conftest import EXACT_OV_CONFIG
-from helpers.tiny import FLORENCE2_EXTRA_TOKENS, TinyArchitecture, make_tiny_florence2
+from helpers.tiny import FLORENCE2_EXTRA_TOKENS, make_tiny_florence2
 
 #: Written into every test folder as modeling_/configuration_/processing_florence2.py: importing it leaves a mark.
 TRAP = """
@@ -289,6 +288,16 @@ def test_mapping_gives_back_the_native_model_bit_for_bit(variant, native_referen
     assert "max_length" not in generation  # transformers' default of 20 is not carried as a setting
 
 
+def test_load_torch_model_reads_an_original_folder(native_reference, tmp_path):
+    from helpers.conversion import load_torch_model
+
+    original = make_original_checkpoint(native_reference, tmp_path / "original", weights="bin")
+    model = load_torch_model(original)
+    expected = native_state(native_reference)
+    assert all(torch.equal(expected[name], tensor) for name, tensor in model.state_dict().items())
+    assert_no_code_ran(original)
+
+
 def test_every_original_tensor_is_used_exactly_once(native_reference):
     from safetensors.torch import load_file
 
@@ -330,35 +339,49 @@ def test_inconsistent_checkpoints_are_refused(damage, message, native_reference,
     assert_no_code_ran(original)
 
 
-def test_a_large_like_checkpoint_maps_config_and_every_key(tmp_path):
-    """Florence-2-large's published config (770M parameters) on the meta device: no memory, no conversion."""
+#: The published sizes of the released models (configs of microsoft/Florence-2-base and -large), in native names.
+RELEASED = {
+    "base": ({"embed_dim": [128, 256, 512, 1024], "num_heads": [4, 8, 16, 32], "num_groups": [4, 8, 16, 32],
+              "projection_dim": 768},
+             {"d_model": 768, "encoder_layers": 6, "decoder_layers": 6, "encoder_attention_heads": 12,
+              "decoder_attention_heads": 12, "encoder_ffn_dim": 3072, "decoder_ffn_dim": 3072,
+              "max_position_embeddings": 1024}, (2.30e8, 2.33e8)),
+    "large": ({"embed_dim": [256, 512, 1024, 2048], "num_heads": [8, 16, 32, 64], "num_groups": [8, 16, 32, 64],
+               "projection_dim": 1024},
+              {"d_model": 1024, "encoder_layers": 12, "decoder_layers": 12, "encoder_attention_heads": 16,
+               "decoder_attention_heads": 16, "encoder_ffn_dim": 4096, "decoder_ffn_dim": 4096,
+               "max_position_embeddings": 4096}, (7.6e8, 7.8e8)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("size", list(RELEASED))
+def test_the_released_shapes_map_config_and_every_key(size):
+    """The published configs on the meta device (no memory, no conversion): the mapped config builds the native
+    architecture of that size, and every original tensor lands on a native one of the same shape."""
     from transformers import Florence2Config, Florence2ForConditionalGeneration
 
     from helpers.original_layout import map_config, map_weights
 
-    large = original_config(
-        {"vision_config": {"embed_dim": [256, 512, 1024, 2048], "num_heads": [8, 16, 32, 64],
-                           "num_groups": [8, 16, 32, 64], "depths": [1, 1, 9, 1], "patch_size": [7, 3, 3, 3],
-                           "patch_stride": [4, 2, 2, 2], "patch_padding": [3, 1, 1, 1],
-                           "patch_prenorm": [False, True, True, True], "window_size": 12, "projection_dim": 1024,
-                           "max_temporal_embeddings": 100, "max_position_embeddings": 50},
-         "text_config": {"d_model": 1024, "encoder_layers": 12, "decoder_layers": 12, "encoder_attention_heads": 16,
-                         "decoder_attention_heads": 16, "encoder_ffn_dim": 4096, "decoder_ffn_dim": 4096,
-                         "max_position_embeddings": 4096, "activation_function": "gelu", "scale_embedding": False,
-                         "vocab_size": 51289}},
-        auto_map=True,
-    )  # fmt: skip
-    native = map_config(large, 51328, 51289)
-    assert native["vision_config"]["embed_dim"] == [256, 512, 1024, 2048]
-    assert native["text_config"]["d_model"] == 1024 and native["text_config"]["vocab_size"] == 51328
+    vision, text, parameters = RELEASED[size]
+    common_vision = {"depths": [1, 1, 9, 1], "patch_size": [7, 3, 3, 3], "patch_stride": [4, 2, 2, 2],
+                     "patch_padding": [3, 1, 1, 1], "patch_prenorm": [False, True, True, True], "window_size": 12,
+                     "max_temporal_embeddings": 100, "max_position_embeddings": 50}  # fmt: skip
+    common_text = {"activation_function": "gelu", "scale_embedding": False, "vocab_size": 51289}
+    released = original_config(
+        {"vision_config": {**common_vision, **vision}, "text_config": {**common_text, **text}}, auto_map=True
+    )
+    native = map_config(released, 51328, 51289)
+    assert native["vision_config"]["embed_dim"] == vision["embed_dim"]
+    assert native["text_config"]["d_model"] == text["d_model"] and native["text_config"]["vocab_size"] == 51328
     config = Florence2Config(**native)
     with torch.device("meta"):
         model = Florence2ForConditionalGeneration(config)
     state = model.state_dict()
-    assert 7.6e8 < sum(t.numel() for t in model.parameters()) < 7.8e8
+    assert parameters[0] < sum(t.numel() for t in model.parameters()) < parameters[1]
     unpadded = {k: (v[:51289] if k.endswith(("shared.weight", "embed_tokens.weight", "lm_head.weight")) else v)
                 for k, v in state.items()}  # fmt: skip
     original = original_tensors(unpadded, 51289, tied_names=("language_model.model.shared.weight",))
+    assert original["image_projection"].shape == (vision["embed_dim"][-1], vision["projection_dim"])
     mapped = map_weights(original, 51328)
     aliases = {"lm_head.weight", "model.language_model.encoder.embed_tokens.weight",
                "model.language_model.decoder.embed_tokens.weight"}  # fmt: skip
@@ -472,8 +495,8 @@ def test_a_converted_fine_tune_answers_like_pytorch_token_for_token(odd_fine_tun
         inputs = processor(text=prompt, images=noise_image(120, 90, seed), return_tensors="pt")
         for beams in (1, 3) if seed == 0 else (1,):
             with torch.no_grad():
-                expected = torch_model.generate(**inputs, max_new_tokens=24, num_beams=beams)
-            got = ov_model.generate(**inputs, max_new_tokens=24, num_beams=beams)
+                expected = torch_model.generate(**inputs, max_new_tokens=16, num_beams=beams)
+            got = ov_model.generate(**inputs, max_new_tokens=16, num_beams=beams)
             assert expected.tolist() == got.tolist(), f"{prompt} beams={beams}"
             answers.add(tuple(expected[0].tolist()))
     assert len(answers) > 3  # a blind model would say the same whatever it is shown

@@ -806,6 +806,8 @@ def convert_florence2(
         raise ConversionError(f"{output_dir} is a file, not a folder. Choose a folder path for the converted model.")
     if _is_local(model_id_or_path):
         _check_not_source(output_dir, Path(model_id_or_path).expanduser().resolve())
+    if output_dir.parent.is_dir():
+        remove_stale_staging(output_dir)  # also when the output is already complete: killed reruns leave them too
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         if is_converted(output_dir, source, weight_format):
             if verbose:
@@ -821,7 +823,6 @@ def convert_florence2(
     if output_dir.exists():
         _check_replaceable(output_dir)
     _check_writable(output_dir, _estimate_bytes(folder, weight_format))
-    remove_stale_staging(output_dir)
     # The pid in the name lets a later run tell a folder left by a killed conversion from one still being written.
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-{os.getpid()}-", dir=output_dir.parent))
     _make_shareable(staging)  # mkdtemp makes 0700 folders; a shared kit or cache must be readable

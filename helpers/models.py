@@ -208,10 +208,18 @@ def ensure_converted(model_id_or_path: str, weight_format: str = "fp16", *, reco
     The cached folder is checked against its manifest (hashes the first time it is used and whenever a file
     changed); a damaged one is refused with the file named and the repair: ``reconvert=True`` converts again.
     """
-    from helpers.conversion import GRAPH_VERSION, IncompleteConversionError, convert_florence2, verify_conversion
+    from helpers.conversion import (
+        GRAPH_VERSION,
+        IncompleteConversionError,
+        convert_florence2,
+        remove_stale_staging,
+        verify_conversion,
+    )
 
     model = resolve_model(model_id_or_path)
     folder = converted_dir(model, weight_format)
+    if folder.parent.is_dir():
+        remove_stale_staging(folder)  # what killed conversions left beside it (up to GBs each)
     if reconvert or not folder.is_dir() or not any(folder.iterdir()):
         return convert_florence2(model, folder, weight_format, overwrite=reconvert)
     fix = repair_hint(model_id_or_path, weight_format)

@@ -306,16 +306,6 @@ def write_coco(results_path: str | Path, coco_path: str | Path) -> None:
     partial.replace(coco_path)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def output_lock(output_dir: str | Path) -> Iterator[Path]:
     """Hold ``output_dir/.lock`` while a run writes the folder: a second run gets :class:`BatchLockedError` naming
@@ -352,6 +342,8 @@ def output_lock(output_dir: str | Path) -> Iterator[Path]:
 
 
 def _pid_file_lock(path: Path) -> Iterator[Path]:
+    from helpers.conversion import pid_alive
+
     for _ in range(2):
         try:
             descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -360,7 +352,7 @@ def _pid_file_lock(path: Path) -> Iterator[Path]:
                 holder = int(path.read_text().strip() or 0)
             except (OSError, ValueError):
                 holder = 0
-            if holder and _pid_alive(holder):
+            if holder and pid_alive(holder):
                 raise BatchLockedError(
                     f"Another run (process {holder}) is writing {path.parent}. Wait for it to finish, or choose "
                     "another --output-dir."

@@ -859,6 +859,8 @@ def convert_florence2(
         raise ConversionError(f"{output_dir} is a file, not a folder. Choose a folder path for the converted model.")
     if _is_local(model_id_or_path):
         _check_not_source(output_dir, Path(model_id_or_path).expanduser().resolve())
+    if output_dir.parent.is_dir():
+        remove_stale_staging(output_dir)  # also when the output is already complete: killed reruns leave them too
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         if is_converted(output_dir, source, weight_format):
             if verbose:
@@ -874,7 +876,6 @@ def convert_florence2(
     if output_dir.exists():
         _check_replaceable(output_dir)
     _check_writable(output_dir, _estimate_bytes(folder, weight_format))
-    _remove_stale_staging(output_dir)
     # The pid in the name lets a later run tell a folder left by a killed conversion from one still being written.
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-{os.getpid()}-", dir=output_dir.parent))
     _make_shareable(staging)  # mkdtemp makes 0700 folders; a shared kit or cache must be readable
@@ -939,7 +940,8 @@ def _check_replaceable(output_dir: Path) -> None:
         )
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (POSIX); what tells a killed run's leftovers from a running one's."""
     try:
         os.kill(pid, 0)  # signal 0: existence check only (POSIX)
     except ProcessLookupError:
@@ -949,15 +951,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale_staging(output_dir: Path) -> None:
-    """Delete folders that killed conversions left beside ``output_dir`` (``.name.partial-PID-*``,
+def remove_stale_staging(output_dir: Path) -> None:
+    """Delete folders that killed conversions or model builds left beside ``output_dir`` (``.name.partial-PID-*``,
     ``.name.old-PID``) once their process is gone, so interrupted runs do not pile up gigabytes."""
     if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
         return
     pattern = re.compile(rf"\.{re.escape(output_dir.name)}\.(?:partial|old)-(\d+)(?:-.*)?")
     for entry in output_dir.parent.iterdir():
         match = pattern.fullmatch(entry.name)
-        if match and entry.is_dir() and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+        if match and entry.is_dir() and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -1013,7 +1015,9 @@ __all__ = [
     "convert_florence2",
     "is_converted",
     "verify_conversion",
+    "pid_alive",
     "read_manifest",
+    "remove_stale_staging",
     "reconvert_hint",
     "ir_size_bytes",
     "image_size_of",

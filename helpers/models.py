@@ -280,7 +280,13 @@ def ensure_converted(
     The cached folder is checked against its manifest (hashes the first time it is used and whenever a file
     changed); a damaged one is refused with the file named and the repair: ``reconvert=True`` converts again.
     """
-    from helpers.conversion import GRAPH_VERSION, IncompleteConversionError, convert_florence2, verify_conversion
+    from helpers.conversion import (
+        GRAPH_VERSION,
+        IncompleteConversionError,
+        convert_florence2,
+        remove_stale_staging,
+        verify_conversion,
+    )
 
     kit = kit_from_env()
     if kit is not None and cache_dir is None and not reconvert:
@@ -291,6 +297,8 @@ def ensure_converted(
             return held
     model = resolve_model(model_id_or_path, cache_dir=cache_dir, fallback=fallback)
     folder = converted_dir(model, weight_format, cache_dir)
+    if folder.parent.is_dir():
+        remove_stale_staging(folder)  # what killed conversions left beside it (up to GBs each)
     if reconvert or not folder.is_dir() or not any(folder.iterdir()):
         return convert_florence2(model, folder, weight_format, overwrite=reconvert)
     fix = repair_hint(model_id_or_path, weight_format)

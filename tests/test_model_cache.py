@@ -157,3 +157,19 @@ def test_compiled_cache_place_is_configurable(cache, tmp_path, monkeypatch) -> N
     assert OVFlorence2Model(converted, "CPU").compiled_cache is None
     explicit = OVFlorence2Model(converted, "CPU", cache_dir=tmp_path / "mine")  # the argument wins
     assert explicit.compiled_cache == tmp_path / "mine" and len(blobs(tmp_path / "mine")) == 4
+
+
+def test_loading_a_complete_conversion_deletes_what_killed_conversions_left(cache) -> None:
+    import subprocess
+    import sys
+
+    from helpers.models import ensure_converted
+
+    source, converted = cache
+    pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                             text=True).stdout)  # fmt: skip
+    left = converted.parent / f".{converted.name}.partial-{pid}-x1y2"
+    left.mkdir()
+    (left / "decoder.bin").write_bytes(b"half")
+    assert ensure_converted(str(source), "fp32") == converted
+    assert not left.exists()

@@ -421,8 +421,7 @@ class BatchRequest:
 
     def settings(self, task: str) -> dict[str, Any]:
         """What one task's answers depend on (besides the image); compared with an output folder's request.json."""
-        from helpers.scores import SCORED_TASKS
-        from helpers.tasks import TASKS
+        from helpers.tasks import SCORED_TASKS, TASKS
 
         return {
             **self.model,
@@ -599,11 +598,12 @@ def _task_file_name(task: str) -> str:
 
 
 def _run_batch(model: Any, processor: Any, pictures: list[Any], task: str, request: BatchRequest) -> list[Any]:
-    from helpers.scores import SCORED_TASKS, run_tasks_batch_with_scores
-    from helpers.tasks import TASKS, run_tasks_batch
+    from helpers.tasks import SCORED_TASKS, TASKS, run_tasks_batch
 
     text = request.text_input if TASKS[task].needs_text else None
     if request.scores and task in SCORED_TASKS:
+        from helpers.scores import run_tasks_batch_with_scores  # needs torch: imported only when scores are asked for
+
         outputs = run_tasks_batch_with_scores(model, processor, pictures, task, text, **request.generate_kwargs)
     else:
         outputs = run_tasks_batch(model, processor, pictures, task, text, **request.generate_kwargs)
@@ -836,13 +836,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.num_beams is not None:
         generate_kwargs["num_beams"] = args.num_beams
     tasks = args.task or ["<CAPTION>"]
+    from helpers.ov_model import TORCH_AVAILABLE
+
+    scores = not args.no_scores and TORCH_AVAILABLE
+    if not args.no_scores and not TORCH_AVAILABLE:
+        print("note: confidence scores need torch (requirements.txt); answering without them (as --no-scores).",
+              file=sys.stderr)  # fmt: skip
     try:
         check_generate_kwargs(None, generate_kwargs)  # a mistyped setting fails before the model loads
         find_images(args.source, recursive=args.recursive)  # so does a wrong path
         model, processor = load_model(args.model, args.weight_format, args.device, reconvert=args.reconvert)
         summary = process_images(
             model, processor, args.source, tasks, args.output_dir, text_input=args.text,
-            batch_size=args.batch_size, scores=not args.no_scores, coco=args.coco, draw=args.draw,
+            batch_size=args.batch_size, scores=scores, coco=args.coco, draw=args.draw,
             retry_errors=args.retry_errors, update=args.update, recursive=args.recursive, progress=not args.quiet,
             **generate_kwargs,
         )  # fmt: skip

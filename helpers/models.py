@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,6 +283,7 @@ def ensure_converted(
     """
     from helpers.conversion import (
         GRAPH_VERSION,
+        MANIFEST_NAME,
         IncompleteConversionError,
         convert_florence2,
         remove_stale_staging,
@@ -295,6 +297,9 @@ def ensure_converted(
         held = find_in_kit(kit, model_id_or_path, weight_format)
         if held is not None:
             return held
+    given = Path(model_id_or_path).expanduser()
+    if not reconvert and (given / MANIFEST_NAME).is_file():
+        return _use_conversion_as_is(given, weight_format)
     model = resolve_model(model_id_or_path, cache_dir=cache_dir, fallback=fallback)
     folder = converted_dir(model, weight_format, cache_dir)
     if folder.parent.is_dir():
@@ -310,6 +315,19 @@ def ensure_converted(
     if int(manifest.get("graph_version", 1)) < GRAPH_VERSION:
         return _upgrade_conversion(model, folder, weight_format)
     return folder  # the folder name already identifies the source and its content (see _slug), even after a move
+
+
+def _use_conversion_as_is(folder: Path, weight_format: str) -> Path:
+    """A folder that already holds an OpenVINO conversion (what a torch-free deployment ships): verified, then used
+    in the weight format it holds — converting it to another one would need its PyTorch source and torch."""
+    from helpers.conversion import verify_conversion
+
+    manifest = verify_conversion(folder, check_hashes="once")
+    held = manifest.get("weight_format")
+    if held != weight_format:
+        print(f"ℹ️  {folder} is an OpenVINO conversion in {held}; using it as it is (you asked for {weight_format}).",
+              file=sys.stderr)  # fmt: skip
+    return folder
 
 
 def _upgrade_conversion(model: str, folder: Path, weight_format: str) -> Path:

@@ -51,6 +51,7 @@ import torch
 from PIL import Image
 
 from helpers.tasks import (
+    SCORED_TASKS,
     TASKS,
     _cut_after_eos,
     _eos_ids,
@@ -73,9 +74,6 @@ __all__ = [
 ]
 
 Reduce = Literal["geometric_mean", "min"]
-
-#: Tasks whose answers have instances (boxes, polygons, OCR quadrilaterals) and so get scores.
-SCORED_TASKS: tuple[str, ...] = tuple(token for token, spec in TASKS.items() if spec.answer_kind != "text")
 
 #: Where the scores go in each kind of answer (answer key holding the instances → key of their scores).
 SCORE_KEYS: dict[str, str] = {

@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
     "MAX_NEW_TOKENS_LIMIT",
     "PIXEL_BOX_HINT",
+    "SCORED_TASKS",
     "FAMILY_NOTEBOOKS",
     "TASKS",
     "CascadedTaskSpec",
@@ -138,6 +139,11 @@ _TASK_LIST = (
 
 #: All 15 Florence-2 tasks, keyed by task token.
 TASKS: dict[str, TaskSpec] = {spec.token: spec for spec in _TASK_LIST}
+
+
+#: Tasks whose answers have places (boxes, polygons, quadrilaterals), so each instance can get a confidence score
+#: (:mod:`helpers.scores`); text answers have none.
+SCORED_TASKS: tuple[str, ...] = tuple(token for token, spec in TASKS.items() if spec.answer_kind != "text")
 
 
 @dataclass(frozen=True)

@@ -146,3 +146,36 @@ def test_all_tasks_give_the_same_answers_without_torch(torch_free_venv: Path, ti
 
     pixels = processor(text="<OD>", images=images[names[0]], return_tensors="np")["pixel_values"]
     assert np.array_equal(np.load(out.with_suffix(".npy")), pixels), "the torch-free processor prepares other pixels"
+
+
+def test_batch_command_line_runs_without_torch(torch_free_venv: Path, tiny_model_dir: Path, tmp_path: Path):
+    """`python -m helpers FOLDER` on a converted folder works in the torch-free venv (answers without scores, and
+    says so) and gives the answers the full environment's batch mode gives."""
+    from helpers.batch import process_images
+    from helpers.models import load_model
+
+    model_dir = convert_florence2(tiny_model_dir, tmp_path / "ov", "fp32", verbose=False)
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    for seed, size in enumerate([(160, 120), (64, 64), (90, 300)]):
+        noise_image(*size, seed=seed).save(image_dir / f"noise{seed}.png")
+    tasks = ["<OD>", "<CAPTION>"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    command = [str(venv_python(torch_free_venv)), "-m", "helpers", str(image_dir), "--task", tasks[0], "--task",
+               tasks[1], "--model", str(model_dir), "--weight-format", "fp32", "--device", "CPU",
+               "--max-new-tokens", "12", "--output-dir", str(tmp_path / "out"), "--quiet"]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "scores need torch" in run.stderr
+
+    model, processor = load_model(str(model_dir), "fp32", "CPU")
+    process_images(model, processor, image_dir, tasks, tmp_path / "here", scores=False, progress=False,
+                   max_new_tokens=12)  # fmt: skip
+
+    def answers(folder: Path) -> dict:
+        lines = (folder / "results.jsonl").read_text(encoding="utf-8").splitlines()
+        return {record["file"]: record["results"] for record in map(json.loads, lines) if record.get("results")}
+
+    without_torch, with_torch = answers(tmp_path / "out"), answers(tmp_path / "here")
+    assert sorted(without_torch) == sorted(with_torch) == [f"noise{i}.png" for i in range(3)]
+    assert without_torch == with_torch

@@ -25,6 +25,7 @@ from helpers.teaching.scenes import (
     od_answer,
     od_target,
     ocr_with_region_target,
+    training_scene,
 )
 
 
@@ -153,7 +154,7 @@ def test_five_training_steps_lower_the_loss():
 
     model, processor = build_model(seed=0)
     config = TrainConfig(steps=5, seed=0, scenes_per_step=2, learning_rate=1e-3, warmup_steps=1, pretrain_steps=0)
-    seen = [make_scene(0, i) for i in range(2)]  # the first step's scenes (stage 2 starts at scene 0)
+    seen = [training_scene(0, i) for i in range(2)]  # the first step's scenes (stage 2 starts at scene 0)
 
     def loss() -> float:
         with torch.no_grad():

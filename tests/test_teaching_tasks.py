@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,13 +45,9 @@ from helpers.tasks import TASKS, box_to_loc
 @pytest.fixture(scope="module")
 def processor():
     """A processor with the teaching model's tokenizer and post-processing rules (built offline, no weights)."""
-    import tempfile
+    from helpers.teaching.train import build_teaching_processor
 
-    from helpers.teaching.train import IMAGE_SIZE
-    from helpers.tiny import build_processor, build_tokenizer
-
-    with tempfile.TemporaryDirectory() as scratch:
-        return build_processor(build_tokenizer(Path(scratch)), IMAGE_SIZE)
+    return build_teaching_processor()
 
 
 def scenes_of_both_styles(count: int) -> list:

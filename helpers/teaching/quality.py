@@ -51,7 +51,6 @@ from helpers.teaching.scenes import (
     caption,
     caption_for,
     dense_label,
-    describe,
     fill_shape,
     groups,
     matching,

@@ -309,17 +309,33 @@ def make_scene(
 
     text = None
     if rng.random() < word_probability:
-        word = rng.choice(WORDS)
-        font_name = rng.choice(FONTS)
-        word_font = font(font_name, max(10, round(side * rng.uniform(0.07, 0.12))))
-        left, top, right, bottom = draw.textbbox((0, 0), word, font=word_font)
-        box = _place(rng, right - left, bottom - top, size, [o.box for o in objects], gap)
-        if box is not None:
-            region = image.crop(box).convert("L").resize((1, 1), Image.Resampling.BOX).getpixel((0, 0))
-            ink = (rng.randint(235, 255),) * 3 if region < 128 else (rng.randint(0, 40),) * 3
-            draw.text((box[0] - left, box[1] - top), word, font=word_font, fill=ink)
-            text = SceneText(word, box, font_name, "light" if ink[0] > 128 else "dark")
+        text = _draw_word(rng, image, objects, gap, FONTS, (0.07, 0.12), 10, _classic_ink)
     return Scene(image, tuple(objects), text, seed, index, "classic", background)
+
+
+def _classic_ink(rng: random.Random, background: float) -> tuple[int, int, int]:
+    return (rng.randint(235, 255),) * 3 if background < 128 else (rng.randint(0, 40),) * 3  # type: ignore[return-value]
+
+
+def _varied_ink(rng: random.Random, background: float) -> tuple[int, int, int]:
+    return _jitter(rng, (20, 20, 20) if background >= 128 else (240, 240, 240), 18)
+
+
+def _draw_word(rng: random.Random, image: Image.Image, objects: Sequence[SceneObject], gap: int, fonts: Sequence[str],
+               heights: tuple[float, float], min_size: int, ink_for) -> SceneText | None:  # fmt: skip
+    """Write one word of :data:`WORDS` where it overlaps nothing, in a font of ``fonts`` sized a fraction
+    ``heights`` of the shorter side, in an ink ``ink_for(rng, background luminance)``; None when it does not fit."""
+    draw = ImageDraw.Draw(image)
+    word = rng.choice(WORDS)
+    font_name = rng.choice(fonts)
+    word_font = font(font_name, max(min_size, round(min(image.size) * rng.uniform(*heights))))
+    left, top, right, bottom = draw.textbbox((0, 0), word, font=word_font)
+    box = _place(rng, right - left, bottom - top, image.size, [o.box for o in objects], gap)
+    if box is None:
+        return None
+    ink = ink_for(rng, _luminance(image, box))
+    draw.text((box[0] - left, box[1] - top), word, font=word_font, fill=ink)
+    return SceneText(word, box, font_name, "light" if ink[0] > 128 else "dark")
 
 
 def training_scene(seed: int, index: int) -> Scene:
@@ -396,19 +412,9 @@ def _varied_scene(seed: int, index: int, size: tuple[int, int] | None, word_prob
         fill_shape(draw, obj, fill, scale=scale, outline=outline, width=line_width)
         objects.append(obj)
     image = canvas.resize(size, Image.Resampling.LANCZOS) if scale > 1 else canvas
-    draw = ImageDraw.Draw(image)
     text = None
     if rng.random() < word_probability:
-        word = rng.choice(WORDS)
-        font_name = rng.choice(VARIED_FONTS)
-        word_font = font(font_name, max(14, round(side * rng.uniform(0.09, 0.16))))
-        left, top, right, bottom = draw.textbbox((0, 0), word, font=word_font)
-        box = _place(rng, right - left, bottom - top, size, [o.box for o in objects], gap)
-        if box is not None:
-            dark_ink = _luminance(image, box) >= 128
-            ink = _jitter(rng, (20, 20, 20) if dark_ink else (240, 240, 240), 18)
-            draw.text((box[0] - left, box[1] - top), word, font=word_font, fill=ink)
-            text = SceneText(word, box, font_name, "dark" if dark_ink else "light")
+        text = _draw_word(rng, image, objects, gap, VARIED_FONTS, (0.09, 0.16), 14, _varied_ink)
     image = _degrade(rng, image)
     return Scene(image, tuple(objects), text, seed, index, "varied", background_word)
 

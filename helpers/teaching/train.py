@@ -1,12 +1,19 @@
 """Train a small Florence-2 on generated scenes, on the CPU, reproducibly: the teaching model.
 
-The shipped model (``helpers/data/teaching-model``) was made by two commands, about 40 minutes on one CPU thread::
+The shipped model (``helpers/data/teaching-model``, v2) was made in three rounds, each one command on one CPU thread
+(``training.json`` beside the weights records the commands, seeds and minutes)::
 
-    # round 1, from random weights: stage 1 (300 steps) pre-trains the vision tower, stage 2 (1500 steps) the tasks
-    python -m helpers.teaching.train --output build/teaching-round1 --steps 1500 --seed 0
-    # round 2: continue on new scenes (seed 1) with soft location targets
-    python -m helpers.teaching.train --output helpers/data/teaching-model --init-from build/teaching-round1 \
-        --pretrain-steps 0 --steps 1500 --seed 1 --learning-rate 1e-3 --loc-sigma 6
+    # rounds 1 and 2 (v1: six tasks, classic scenes): random weights, then new scenes with soft location targets
+    python -m helpers.teaching.train --output build/teaching-round1 --steps 2000 --seed 0
+    python -m helpers.teaching.train --output build/teaching-v1 --init-from build/teaching-round1 \
+        --pretrain-steps 0 --steps 1000 --seed 1 --learning-rate 5e-4
+    # round 3 (v2): all 15 tasks on classic and varied scenes, 6 of a scene's examples per step, from v1
+    python -m helpers.teaching.train --output build/teaching-v2 --init-from build/teaching-v1 \
+        --pretrain-steps 0 --steps 1000 --seed 2 --learning-rate 1e-3 --tasks-per-scene 6 --max-minutes 80
+
+``--max-minutes`` stops a round after the step that passes a wall-clock budget (round 3 stopped at the step
+``training.json`` gives as ``steps_done``); ``--stop-after N`` repeats such a run exactly, whatever the machine's
+speed.
 
 What it does (each part is one function below, so a notebook can show them one at a time):
 
@@ -14,13 +21,14 @@ What it does (each part is one function below, so a notebook can show them one a
    tokenizer, processor and config builders: 192-pixel input (37 image tokens instead of the real models' 577), a
    4-stage DaViT vision tower and a 3+3-layer BART of width 160, 4.7M parameters. Weights keep transformers' normal
    initialisation (std 0.02), not the wide random weights of the parity model.
-2. :func:`make_batch` — fresh scenes every step (:mod:`helpers.teaching.scenes`; the data never repeats), one
-   ``(prompt, target)`` pair per task and scene, tokenised; padding in the labels becomes ``-100`` (ignored).
+2. :func:`make_batch` — fresh scenes every step (:mod:`helpers.teaching.scenes`; the data never repeats), the
+   ``(prompt, target)`` pairs of every task (or ``tasks_per_scene`` of them) per scene, tokenised; padding in the
+   labels becomes ``-100`` (ignored). :func:`make_length_batches` splits a step's pairs by length.
 3. :func:`training_loss` — teacher forcing: ``Florence2ForConditionalGeneration`` takes ``labels`` and shifts them
    right itself. The vision tower runs once per *image*, not once per task: its features are scattered into each
    task's ``<image>`` positions, exactly as the model's own ``forward`` does.
 4. :func:`train` — stage 1 pre-trains the vision tower on dense labels (:class:`AuxiliaryHeads`), stage 2 trains
-   everything on the six tasks with AdamW, warm-up and cosine decay, gradient clipping. Why two stages: trained
+   everything on the tasks with AdamW, warm-up and cosine decay, gradient clipping. Why two stages: trained
    end to end from random weights, the model learned the *language* of the answers and ignored the pictures — after
    500 steps its loss was the same with the images swapped between scenes (:func:`image_use` measures exactly that;
    it is logged). The real Florence-2 starts from a pre-trained image encoder for the same reason.
@@ -68,7 +76,7 @@ from helpers.tiny import (
     build_tokenizer,
 )
 
-#: The teaching model's size: big enough to learn six tasks in half an hour, small enough to ship (19 MB in fp32).
+#: The teaching model's size: big enough to learn the 15 tasks in a few CPU hours, small enough to ship (19 MB in fp32).
 TEACHING_ARCHITECTURE = TinyArchitecture(
     vision_dims=(32, 64, 128, 192),
     vision_heads=(1, 2, 4, 6),
@@ -196,9 +204,8 @@ def build_model(
     from transformers import Florence2ForConditionalGeneration
 
     torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = build_tokenizer(Path(scratch), seed=seed)
-    processor = build_processor(tokenizer, image_size)
+    processor = build_teaching_processor(seed, image_size)
+    tokenizer = processor.tokenizer
     vocab_size = (len(tokenizer) + 63) // 64 * 64
     config = build_config(vocab_size, tokenizer.image_token_id, architecture)
     model = Florence2ForConditionalGeneration(config)
@@ -207,6 +214,14 @@ def build_model(
         structure_location_embeddings(model, processor)
         structure_image_positions(model)
     return model, processor
+
+
+def build_teaching_processor(seed: int = 0, image_size: int = IMAGE_SIZE):
+    """The teaching model's processor (tokenizer, image processor, post-processing rules), built offline without
+    weights: what :func:`build_model` gives its model, and what the tests parse targets with."""
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = build_tokenizer(Path(scratch), seed=seed)
+    return build_processor(tokenizer, image_size)
 
 
 def teaching_generation_config():
@@ -418,6 +433,7 @@ def train(
     log=print,
     history: list[dict] | None = None,
     max_minutes: float | None = None,
+    stop_after: int | None = None,
     snapshot=None,
 ) -> list[float]:
     """Train ``model`` in place; returns the language-model loss of every stage-2 step (``history``, if given,
@@ -426,14 +442,15 @@ def train(
     Stage 1 (``pretrain_steps``): only the vision tower and projector learn, from the dense labels of
     :class:`AuxiliaryHeads` — the real Florence-2 also starts from a pre-trained image encoder. Trained from scratch
     end to end, the model learned its answers' language first and then ignored the images (measured: equal loss
-    with swapped images after 500 steps). Stage 2 (``steps``): everything learns the six tasks, with the auxiliary
+    with swapped images after 500 steps). Stage 2 (``steps``): everything learns the tasks, with the auxiliary
     loss kept at ``aux_weight`` on the encoder's output.
 
     With ``checkpoint``, model, heads, optimiser and step are saved there every ``checkpoint_every`` steps and a
     run restarted with the same arguments continues from the last one (a busy shared machine may kill long jobs);
     ``snapshot`` (a function of the step) is called at the same moments, e.g. to save the model so far. With
     ``max_minutes``, training stops after the first step that ends past that wall-clock budget (the run is then
-    shorter than ``config.steps``; the history says where it stopped).
+    shorter than ``config.steps``; the history says where it stopped). ``stop_after`` stops after that many steps
+    (counting both stages) without changing the schedule: it repeats a budget-stopped run exactly.
     """
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -524,6 +541,10 @@ def train(
             model.eval()
             snapshot(done)
             model.train()
+        if stop_after is not None and done >= stop_after and done < total:
+            log(f"stopping after step {done} of {total} as asked")
+            history.append({"step": done, "stage": stage, "stopped": "--stop-after"})
+            break
         if max_minutes is not None and (time.perf_counter() - started) / 60 >= max_minutes and done < total:
             log(f"wall-clock budget of {max_minutes} min reached after step {done} of {total}: stopping here")
             history.append({"step": done, "stage": stage, "stopped": "wall-clock budget"})
@@ -557,7 +578,8 @@ def save_model(model, processor, output_dir: str | Path, *, training: dict | Non
 
 
 def train_teaching_model(output_dir: str | Path, config: TrainConfig, *, log=print, resume: bool = True,
-                         max_minutes: float | None = None, command: str | None = None) -> Path:  # fmt: skip
+                         max_minutes: float | None = None, stop_after: int | None = None,
+                         command: str | None = None) -> Path:  # fmt: skip
     """Build, train and save the teaching model. Returns ``output_dir``. While it trains, the model so far is saved
     every 250 steps to ``<output_dir>-latest`` (so a run cut short still leaves something to evaluate)."""
     output_dir = Path(output_dir)
@@ -583,12 +605,13 @@ def train_teaching_model(output_dir: str | Path, config: TrainConfig, *, log=pri
         log(f"saved the model after step {step} to {latest}")
 
     losses = train(model, processor, config, checkpoint=checkpoint, log=log, history=history,
-                   max_minutes=max_minutes, snapshot=snapshot)  # fmt: skip
+                   max_minutes=max_minutes, stop_after=stop_after, snapshot=snapshot)  # fmt: skip
     seconds = time.perf_counter() - started
     training = {
         "command": command,
         "config": asdict(config),
         "max_minutes": max_minutes,
+        "stop_after": stop_after,
         "steps_done": history[-1]["step"] if history else 0,
         "architecture": asdict(TEACHING_ARCHITECTURE),
         "image_size": IMAGE_SIZE,
@@ -625,6 +648,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="examples drawn per scene and step (0: all of them)")  # fmt: skip
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="wall-clock budget: stop (and save) after the step that passes it")  # fmt: skip
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="stop after this many steps, schedule unchanged (repeats a budget-stopped run)")  # fmt: skip
     parser.add_argument("--no-resume", action="store_true", help="ignore a checkpoint left by an interrupted run")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.scenes_per_step < 1:
@@ -638,9 +663,12 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     if args.max_minutes is not None and args.max_minutes <= 0:
         parser.error("--max-minutes must be positive")
+    if args.stop_after is not None and args.stop_after < 1:
+        parser.error("--stop-after must be at least 1")
     command = "python -m helpers.teaching.train " + " ".join(argv if argv is not None else sys.argv[1:])
     train_teaching_model(args.output, config, log=lambda line: print(line, file=sys.stderr, flush=True),
-                         resume=not args.no_resume, max_minutes=args.max_minutes, command=command)  # fmt: skip
+                         resume=not args.no_resume, max_minutes=args.max_minutes, stop_after=args.stop_after,
+                         command=command)  # fmt: skip
     return 0
 
 

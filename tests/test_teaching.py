@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,19 +24,16 @@ from helpers.teaching.scenes import (
     od_answer,
     od_target,
     ocr_with_region_target,
+    training_scene,
 )
 
 
 @pytest.fixture(scope="module")
 def processor():
     """A processor with the teaching model's tokenizer and post-processing rules (built offline, no weights)."""
-    import tempfile
+    from helpers.teaching.train import build_teaching_processor
 
-    from helpers.teaching.train import IMAGE_SIZE
-    from helpers.tiny import build_processor, build_tokenizer
-
-    with tempfile.TemporaryDirectory() as scratch:
-        return build_processor(build_tokenizer(Path(scratch)), IMAGE_SIZE)
+    return build_teaching_processor()
 
 
 # ------------------------------------------------------------------------------------------------ the generator
@@ -153,7 +149,7 @@ def test_five_training_steps_lower_the_loss():
 
     model, processor = build_model(seed=0)
     config = TrainConfig(steps=5, seed=0, scenes_per_step=2, learning_rate=1e-3, warmup_steps=1, pretrain_steps=0)
-    seen = [make_scene(0, i) for i in range(2)]  # the first step's scenes (stage 2 starts at scene 0)
+    seen = [training_scene(0, i) for i in range(2)]  # the first step's scenes (stage 2 starts at scene 0)
 
     def loss() -> float:
         with torch.no_grad():
@@ -182,6 +178,31 @@ def test_training_is_reproducible():
         train(model, processor, config, log_every=0)
         weights.append(model.state_dict())
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    """The checkpoint loads with ``torch.load(weights_only=True)`` (no pickled code) and a resumed run ends with
+    the weights of an uninterrupted one."""
+    import torch
+
+    from helpers.teaching.train import TrainConfig, build_model, train
+
+    config = TrainConfig(steps=2, seed=4, scenes_per_step=1, pretrain_steps=0, tasks_per_scene=3)
+    model, processor = build_model(seed=4)
+    train(model, processor, config, log_every=0)
+    uninterrupted = model.state_dict()
+
+    checkpoint = tmp_path / "checkpoint"
+    model, processor = build_model(seed=4)
+    train(model, processor, config, log_every=0, checkpoint=checkpoint, checkpoint_every=1)  # leaves step 1 behind
+    state = torch.load(checkpoint / "state.pt", weights_only=True)
+    assert state["step"] == 1
+    lines: list[str] = []
+    model, processor = build_model(seed=4)
+    train(model, processor, config, log_every=0, checkpoint=checkpoint, log=lines.append)
+    assert any("resuming from step 1" in line for line in lines), lines
+    resumed = model.state_dict()
+    assert all(torch.equal(uninterrupted[name], resumed[name]) for name in uninterrupted)
 
 
 def test_pretraining_targets_follow_the_shapes():

@@ -2,8 +2,9 @@
 
 * :mod:`helpers.teaching.scenes` — the scene generator and every task's target in Florence-2's own format;
 * :mod:`helpers.teaching.train` — ``python -m helpers.teaching.train``: fine-tune a small Florence-2 on them;
-* :mod:`helpers.teaching.quality` — ``python -m helpers.teaching.quality``: detection mAP@0.5, caption exact match
-  and OCR character accuracy for PyTorch, OpenVINO fp16 and OpenVINO int8 side by side.
+* :mod:`helpers.teaching.quality` — ``python -m helpers.teaching.quality``: a score for every task and cascade
+  (box recall and precision at IoU 0.5, mask IoU, captions naming every shape, exact region answers, OCR exact
+  words) for PyTorch, OpenVINO fp16 and OpenVINO int8 side by side.
 
 The trained weights ship in ``helpers/data/teaching-model/`` (:data:`TEACHING_MODEL_DIR`); offline, the notebooks
 use them instead of the random-weight tiny model. Taught in ``notebooks/12_fine_tune.ipynb``.

@@ -1,12 +1,19 @@
 """Train a small Florence-2 on generated scenes, on the CPU, reproducibly: the teaching model.
 
-The shipped model (``helpers/data/teaching-model``) was made by two commands, about 40 minutes on one CPU thread::
+The shipped model (``helpers/data/teaching-model``, v2) was made in three rounds, each one command on one CPU thread
+(``training.json`` beside the weights records the commands, seeds and minutes)::
 
-    # round 1, from random weights: stage 1 (300 steps) pre-trains the vision tower, stage 2 (1500 steps) the tasks
-    python -m helpers.teaching.train --output build/teaching-round1 --steps 1500 --seed 0
-    # round 2: continue on new scenes (seed 1) with soft location targets
-    python -m helpers.teaching.train --output helpers/data/teaching-model --init-from build/teaching-round1 \
-        --pretrain-steps 0 --steps 1500 --seed 1 --learning-rate 1e-3 --loc-sigma 6
+    # rounds 1 and 2 (v1: six tasks, classic scenes): random weights, then new scenes with soft location targets
+    python -m helpers.teaching.train --output build/teaching-round1 --steps 2000 --seed 0
+    python -m helpers.teaching.train --output build/teaching-v1 --init-from build/teaching-round1 \
+        --pretrain-steps 0 --steps 1000 --seed 1 --learning-rate 5e-4
+    # round 3 (v2): all 15 tasks on classic and varied scenes, 6 of a scene's examples per step, from v1
+    python -m helpers.teaching.train --output build/teaching-v2 --init-from build/teaching-v1 \
+        --pretrain-steps 0 --steps 1000 --seed 2 --learning-rate 1e-3 --tasks-per-scene 6 --max-minutes 80
+
+``--max-minutes`` stops a round after the step that passes a wall-clock budget (round 3 stopped at the step
+``training.json`` gives as ``steps_done``); ``--stop-after N`` repeats such a run exactly, whatever the machine's
+speed.
 
 What it does (each part is one function below, so a notebook can show them one at a time):
 
@@ -14,13 +21,14 @@ What it does (each part is one function below, so a notebook can show them one a
    tokenizer, processor and config builders: 192-pixel input (37 image tokens instead of the real models' 577), a
    4-stage DaViT vision tower and a 3+3-layer BART of width 160, 4.7M parameters. Weights keep transformers' normal
    initialisation (std 0.02), not the wide random weights of the parity model.
-2. :func:`make_batch` — fresh scenes every step (:mod:`helpers.teaching.scenes`; the data never repeats), one
-   ``(prompt, target)`` pair per task and scene, tokenised; padding in the labels becomes ``-100`` (ignored).
+2. :func:`make_batch` — fresh scenes every step (:mod:`helpers.teaching.scenes`; the data never repeats), the
+   ``(prompt, target)`` pairs of every task (or ``tasks_per_scene`` of them) per scene, tokenised; padding in the
+   labels becomes ``-100`` (ignored). :func:`make_length_batches` splits a step's pairs by length.
 3. :func:`training_loss` — teacher forcing: ``Florence2ForConditionalGeneration`` takes ``labels`` and shifts them
    right itself. The vision tower runs once per *image*, not once per task: its features are scattered into each
    task's ``<image>`` positions, exactly as the model's own ``forward`` does.
 4. :func:`train` — stage 1 pre-trains the vision tower on dense labels (:class:`AuxiliaryHeads`), stage 2 trains
-   everything on the six tasks with AdamW, warm-up and cosine decay, gradient clipping. Why two stages: trained
+   everything on the tasks with AdamW, warm-up and cosine decay, gradient clipping. Why two stages: trained
    end to end from random weights, the model learned the *language* of the answers and ignored the pictures — after
    500 steps its loss was the same with the images swapped between scenes (:func:`image_use` measures exactly that;
    it is logged). The real Florence-2 starts from a pre-trained image encoder for the same reason.
@@ -57,7 +65,7 @@ from helpers.teaching.scenes import (
     Scene,
     examples,
     label_map,
-    make_scene,
+    training_scene,
 )
 from helpers.tiny import (
     VISION_STRIDE,
@@ -68,7 +76,7 @@ from helpers.tiny import (
     build_tokenizer,
 )
 
-#: The teaching model's size: big enough to learn six tasks in half an hour, small enough to ship (19 MB in fp32).
+#: The teaching model's size: big enough to learn the 15 tasks in a few CPU hours, small enough to ship (19 MB in fp32).
 TEACHING_ARCHITECTURE = TinyArchitecture(
     vision_dims=(32, 64, 128, 192),
     vision_heads=(1, 2, 4, 6),
@@ -81,8 +89,9 @@ TEACHING_ARCHITECTURE = TinyArchitecture(
 )
 #: Input size: 192 px gives 6×6 + 1 = 37 image tokens (the real models: 768 px, 577 tokens).
 IMAGE_SIZE = 192
-#: Longest answer the teaching model needs (four groups with boxes is under 60 tokens); also bounds a bad answer.
-MAX_NEW_TOKENS = 128
+#: Longest answer the teaching model needs (the paragraph caption of four shapes and a word is about 160 tokens);
+#: also bounds a bad answer.
+MAX_NEW_TOKENS = 192
 
 
 @dataclass
@@ -103,6 +112,7 @@ class TrainConfig:
     aux_weight: float = 0.5
     init_from: str | None = None
     loc_sigma: float = 6.0
+    tasks_per_scene: int = 0  # 0: every example of every scene; else this many, drawn per scene and step
 
 
 #: Each final image token predicts a SUBCELLS × SUBCELLS patch of the scene's label map during pre-training.
@@ -194,9 +204,8 @@ def build_model(
     from transformers import Florence2ForConditionalGeneration
 
     torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = build_tokenizer(Path(scratch), seed=seed)
-    processor = build_processor(tokenizer, image_size)
+    processor = build_teaching_processor(seed, image_size)
+    tokenizer = processor.tokenizer
     vocab_size = (len(tokenizer) + 63) // 64 * 64
     config = build_config(vocab_size, tokenizer.image_token_id, architecture)
     model = Florence2ForConditionalGeneration(config)
@@ -205,6 +214,14 @@ def build_model(
         structure_location_embeddings(model, processor)
         structure_image_positions(model)
     return model, processor
+
+
+def build_teaching_processor(seed: int = 0, image_size: int = IMAGE_SIZE):
+    """The teaching model's processor (tokenizer, image processor, post-processing rules), built offline without
+    weights: what :func:`build_model` gives its model, and what the tests parse targets with."""
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = build_tokenizer(Path(scratch), seed=seed)
+    return build_processor(tokenizer, image_size)
 
 
 def teaching_generation_config():
@@ -277,19 +294,30 @@ def dense_targets(scenes: list[Scene], grid: int) -> tuple[torch.Tensor, torch.T
     return torch.from_numpy(patches.reshape(len(scenes), grid * grid, SUBCELLS * SUBCELLS).copy()), torch.tensor(words)
 
 
-def make_batch(scenes: list[Scene], processor, rng: random.Random) -> dict[str, torch.Tensor]:
-    """Tokenise one ``(prompt, target)`` pair per task for every scene.
+def draw_pairs(scenes: list[Scene], rng: random.Random, tasks_per_scene: int = 0) -> list[tuple[int, str, str]]:
+    """``(scene number, prompt, target)`` for the scenes' examples (:func:`helpers.teaching.scenes.examples`;
+    with ``tasks_per_scene``, that many of each scene's, drawn with ``rng``)."""
+    rows = []
+    for i, scene in enumerate(scenes):
+        pairs = examples(scene, rng)
+        if tasks_per_scene and tasks_per_scene < len(pairs):
+            pairs = rng.sample(pairs, tasks_per_scene)
+        rows.extend((i, prompt, target) for prompt, target in pairs)
+    return rows
+
+
+def make_batch(scenes: list[Scene], processor, rng: random.Random, tasks_per_scene: int = 0,
+               rows: list[tuple[int, str, str]] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Tokenise the ``(prompt, target)`` pairs of every scene (:func:`draw_pairs`), or the given ``rows``.
 
     Returns ``pixel_values`` (one per scene), ``image_index`` (the scene of each row), ``input_ids``,
     ``attention_mask``, ``labels`` (target ids with padding set to ``-100``), and the pre-training targets
     ``dense`` and ``words`` (one per scene, see :func:`dense_targets`).
     """
-    prompts, targets, image_index = [], [], []
-    for i, scene in enumerate(scenes):
-        for prompt, target in examples(scene, rng):
-            prompts.append(prompt)
-            targets.append(target)
-            image_index.append(i)
+    rows = rows if rows is not None else draw_pairs(scenes, rng, tasks_per_scene)
+    image_index = [i for i, _, _ in rows]
+    prompts = [prompt for _, prompt, _ in rows]
+    targets = [target for _, _, target in rows]
     images = [scene.image for scene in scenes]
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     # The processor expands each task token to its prompt text and prepends the <image> placeholders.
@@ -306,6 +334,15 @@ def make_batch(scenes: list[Scene], processor, rng: random.Random) -> dict[str, 
         "dense": dense,
         "words": words,
     }
+
+
+def make_length_batches(scenes: list[Scene], processor, rng: random.Random, tasks_per_scene: int = 0,
+                        buckets: int = 2) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+    """:func:`make_batch` split into ``buckets`` batches of similar prompt + target length: a paragraph caption
+    beside a one-word OCR answer would otherwise pad every row to the paragraph (measured: 2× faster steps)."""
+    rows = sorted(draw_pairs(scenes, rng, tasks_per_scene), key=lambda row: len(row[1]) + len(row[2]))
+    size = math.ceil(len(rows) / buckets)
+    return [make_batch(scenes, processor, rng, rows=rows[i : i + size]) for i in range(0, len(rows), size)]
 
 
 def location_soft_loss(logits: torch.Tensor, labels: torch.Tensor, first_loc_id: int, sigma: float) -> torch.Tensor:
@@ -395,6 +432,9 @@ def train(
     checkpoint_every: int = 250,
     log=print,
     history: list[dict] | None = None,
+    max_minutes: float | None = None,
+    stop_after: int | None = None,
+    snapshot=None,
 ) -> list[float]:
     """Train ``model`` in place; returns the language-model loss of every stage-2 step (``history``, if given,
     receives every logged line as a dict).
@@ -402,11 +442,15 @@ def train(
     Stage 1 (``pretrain_steps``): only the vision tower and projector learn, from the dense labels of
     :class:`AuxiliaryHeads` — the real Florence-2 also starts from a pre-trained image encoder. Trained from scratch
     end to end, the model learned its answers' language first and then ignored the images (measured: equal loss
-    with swapped images after 500 steps). Stage 2 (``steps``): everything learns the six tasks, with the auxiliary
+    with swapped images after 500 steps). Stage 2 (``steps``): everything learns the tasks, with the auxiliary
     loss kept at ``aux_weight`` on the encoder's output.
 
     With ``checkpoint``, model, heads, optimiser and step are saved there every ``checkpoint_every`` steps and a
-    run restarted with the same arguments continues from the last one (a busy shared machine may kill long jobs).
+    run restarted with the same arguments continues from the last one (a busy shared machine may kill long jobs);
+    ``snapshot`` (a function of the step) is called at the same moments, e.g. to save the model so far. With
+    ``max_minutes``, training stops after the first step that ends past that wall-clock budget (the run is then
+    shorter than ``config.steps``; the history says where it stopped). ``stop_after`` stops after that many steps
+    (counting both stages) without changing the schedule: it repeats a budget-stopped run exactly.
     """
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -428,7 +472,7 @@ def train(
     history = history if history is not None else []
     start_step = 0
     if checkpoint is not None and (checkpoint / "state.pt").exists():
-        state = torch.load(checkpoint / "state.pt", weights_only=False)
+        state = torch.load(checkpoint / "state.pt", weights_only=True)
         if state["config"] == asdict(config):
             model.load_state_dict(state["model"])
             heads.load_state_dict(state["heads"])
@@ -436,7 +480,7 @@ def train(
             losses, start_step = state["losses"], state["step"]
             history[:] = state["history"]
             log(f"resuming from step {start_step} ({checkpoint})")
-    probe = make_batch([make_scene(config.seed, 90_000_000 + i) for i in range(6)], processor, random.Random(0))
+    probe = make_batch([training_scene(config.seed, 90_000_000 + i) for i in range(6)], processor, random.Random(0))
     grid = _grid(processor)
     first_loc_id = processor.tokenizer.convert_tokens_to_ids("<loc_0>")
     total = config.pretrain_steps + config.steps
@@ -449,7 +493,7 @@ def train(
         rng = random.Random(f"florence2-teaching-batch/{config.seed}/{step}")
         if stage == 1:
             n = config.pretrain_scenes_per_step
-            scenes = [make_scene(config.seed, PRETRAIN_SCENE_OFFSET + step * n + i) for i in range(n)]
+            scenes = [training_scene(config.seed, PRETRAIN_SCENE_OFFSET + step * n + i) for i in range(n)]
             pixel_values = processor.image_processor([s.image for s in scenes], return_tensors="pt")["pixel_values"]
             dense, words = dense_targets(scenes, grid)
             rate = config.pretrain_learning_rate * min(1.0, (step + 1) / 20)
@@ -459,13 +503,15 @@ def train(
             values = {"vision loss": loss.item(), "object pixels right": accuracy}
         else:
             s = step - config.pretrain_steps
-            scenes = [make_scene(config.seed, s * config.scenes_per_step + i) for i in range(config.scenes_per_step)]
-            batch = make_batch(scenes, processor, rng)
+            scenes = [training_scene(config.seed, s * config.scenes_per_step + i) for i in range(config.scenes_per_step)]
+            batches = make_length_batches(scenes, processor, rng, config.tasks_per_scene)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(s, config)
-            lm_loss, aux, accuracy = training_loss(
-                model, batch, heads=heads, loc_sigma=config.loc_sigma, first_loc_id=first_loc_id
-            )
+            parts = [training_loss(model, batch, heads=heads, loc_sigma=config.loc_sigma, first_loc_id=first_loc_id)
+                     for batch in batches]  # fmt: skip
+            lm_loss = sum(part[0] for part in parts) / len(parts)
+            aux = sum(part[1] for part in parts) / len(parts)
+            accuracy = parts[0][2]
             loss = lm_loss + config.aux_weight * aux
             losses.append(lm_loss.item())
             values = {"loss": lm_loss.item(), "aux loss": aux.item(), "object pixels right": accuracy}
@@ -491,6 +537,18 @@ def train(
                      "step": done, "losses": losses, "history": history, "config": asdict(config)}  # fmt: skip
             torch.save(state, checkpoint / "state.tmp")
             (checkpoint / "state.tmp").replace(checkpoint / "state.pt")
+        if snapshot is not None and done % checkpoint_every == 0 and done < total:
+            model.eval()
+            snapshot(done)
+            model.train()
+        if stop_after is not None and done >= stop_after and done < total:
+            log(f"stopping after step {done} of {total} as asked")
+            history.append({"step": done, "stage": stage, "stopped": "--stop-after"})
+            break
+        if max_minutes is not None and (time.perf_counter() - started) / 60 >= max_minutes and done < total:
+            log(f"wall-clock budget of {max_minutes} min reached after step {done} of {total}: stopping here")
+            history.append({"step": done, "stage": stage, "stopped": "wall-clock budget"})
+            break
     model.eval()
     return losses
 
@@ -519,8 +577,11 @@ def save_model(model, processor, output_dir: str | Path, *, training: dict | Non
     return output_dir
 
 
-def train_teaching_model(output_dir: str | Path, config: TrainConfig, *, log=print, resume: bool = True) -> Path:
-    """Build, train and save the teaching model. Returns ``output_dir``."""
+def train_teaching_model(output_dir: str | Path, config: TrainConfig, *, log=print, resume: bool = True,
+                         max_minutes: float | None = None, stop_after: int | None = None,
+                         command: str | None = None) -> Path:  # fmt: skip
+    """Build, train and save the teaching model. Returns ``output_dir``. While it trains, the model so far is saved
+    every 250 steps to ``<output_dir>-latest`` (so a run cut short still leaves something to evaluate)."""
     output_dir = Path(output_dir)
     if config.init_from:  # a second round: continue from a trained model (its processor comes along)
         from transformers import AutoProcessor, Florence2ForConditionalGeneration
@@ -533,14 +594,25 @@ def train_teaching_model(output_dir: str | Path, config: TrainConfig, *, log=pri
     parameters = sum(p.numel() for p in model.parameters())
     log(f"teaching model: {parameters / 1e6:.2f}M parameters, {IMAGE_SIZE} px input; stage 1: "
         f"{config.pretrain_steps} steps of {config.pretrain_scenes_per_step} scenes; stage 2: {config.steps} steps "
-        f"of {config.scenes_per_step} scenes × 6 tasks; {config.threads} thread(s)")  # fmt: skip
+        f"of {config.scenes_per_step} scenes × {config.tasks_per_scene or 'all'} tasks; {config.threads} thread(s)")  # fmt: skip
     checkpoint = output_dir.parent / f".{output_dir.name}.checkpoint" if resume else None
     started = time.perf_counter()
     history: list[dict] = []
-    losses = train(model, processor, config, checkpoint=checkpoint, log=log, history=history)
+    latest = output_dir.parent / f"{output_dir.name}-latest"
+
+    def snapshot(step: int) -> None:
+        save_model(model, processor, latest, training={"config": asdict(config), "step": step, "history": history})
+        log(f"saved the model after step {step} to {latest}")
+
+    losses = train(model, processor, config, checkpoint=checkpoint, log=log, history=history,
+                   max_minutes=max_minutes, stop_after=stop_after, snapshot=snapshot)  # fmt: skip
     seconds = time.perf_counter() - started
     training = {
+        "command": command,
         "config": asdict(config),
+        "max_minutes": max_minutes,
+        "stop_after": stop_after,
+        "steps_done": history[-1]["step"] if history else 0,
         "architecture": asdict(TEACHING_ARCHITECTURE),
         "image_size": IMAGE_SIZE,
         "parameters": parameters,
@@ -572,6 +644,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="soft targets for <loc_N> tokens: a Gaussian of this width in bins (0: plain)")  # fmt: skip
     parser.add_argument("--init-from", type=Path, default=None,
                         help="continue from this trained model folder instead of random weights")  # fmt: skip
+    parser.add_argument("--tasks-per-scene", type=int, default=TrainConfig.tasks_per_scene,
+                        help="examples drawn per scene and step (0: all of them)")  # fmt: skip
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="wall-clock budget: stop (and save) after the step that passes it")  # fmt: skip
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="stop after this many steps, schedule unchanged (repeats a budget-stopped run)")  # fmt: skip
     parser.add_argument("--no-resume", action="store_true", help="ignore a checkpoint left by an interrupted run")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.scenes_per_step < 1:
@@ -581,8 +659,16 @@ def main(argv: list[str] | None = None) -> int:
         learning_rate=args.learning_rate, warmup_steps=min(TrainConfig.warmup_steps, max(1, args.steps // 10)),
         threads=args.threads, pretrain_steps=args.pretrain_steps, aux_weight=args.aux_weight,
         init_from=str(args.init_from) if args.init_from else None, loc_sigma=args.loc_sigma,
+        tasks_per_scene=args.tasks_per_scene,
     )  # fmt: skip
-    train_teaching_model(args.output, config, log=lambda line: print(line, flush=True), resume=not args.no_resume)
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        parser.error("--max-minutes must be positive")
+    if args.stop_after is not None and args.stop_after < 1:
+        parser.error("--stop-after must be at least 1")
+    command = "python -m helpers.teaching.train " + " ".join(argv if argv is not None else sys.argv[1:])
+    train_teaching_model(args.output, config, log=lambda line: print(line, file=sys.stderr, flush=True),
+                         resume=not args.no_resume, max_minutes=args.max_minutes, stop_after=args.stop_after,
+                         command=command)  # fmt: skip
     return 0
 
 

@@ -26,27 +26,40 @@ import glob
 import json
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "BatchSummary",
+    "ImageJob",
+    "JobPlan",
+    "answer_chunk",
+    "append_records",
     "build_parser",
+    "check_request",
+    "draw_job",
     "find_images",
     "is_batch_source",
+    "job_record",
     "main",
+    "open_results",
+    "plan_jobs",
     "process_images",
     "read_results",
     "wants_batch",
+    "write_coco",
+    "write_run_summary",
 ]
 
 #: File types picked up from a folder (a glob takes whatever it matches).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 RESULTS_FILE = "results.jsonl"
 COCO_FILE = "coco.json"
+SUMMARY_FILE = "summary.json"
 DRAWINGS_DIR = "drawings"
 _GLOB_CHARS = ("*", "?", "[")
 
@@ -154,7 +167,9 @@ class BatchSummary:
 
 
 @dataclass
-class _Job:
+class ImageJob:
+    """One image still to answer: ``tasks`` are the missing ones, ``previous`` the answers an earlier run kept."""
+
     key: str
     path: Path
     tasks: list[str]
@@ -186,7 +201,7 @@ def _run_batch(model: Any, processor: Any, pictures: list[Any], task: str, text:
     return [output[task] for output in outputs]
 
 
-def _answer(jobs: list[_Job], model: Any, processor: Any, task: str, text: Any, scores: bool,
+def _answer(jobs: list[ImageJob], model: Any, processor: Any, task: str, text: Any, scores: bool,
             generate_kwargs: dict[str, Any]) -> None:  # fmt: skip
     """Answer ``task`` for ``jobs`` in one batch; if the batch fails, one image at a time to find the culprit."""
     try:
@@ -204,8 +219,13 @@ def _answer(jobs: list[_Job], model: Any, processor: Any, task: str, text: Any, 
         job.results[task] = answer
 
 
-def _append(handle: Any, record: dict[str, Any]) -> None:
-    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+def append_records(handle: Any, records: Iterable[dict[str, Any]]) -> None:
+    """Append one JSONL line per record to the open results file and force them to disk (an interrupted run then
+    loses at most the records not yet appended)."""
+    for record in records:
+        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    handle.flush()
+    os.fsync(handle.fileno())
 
 
 def _ends_with_newline(path: Path) -> bool:
@@ -216,7 +236,27 @@ def _ends_with_newline(path: Path) -> bool:
         return handle.read(1) == b"\n"
 
 
-def _write_coco(results_path: Path, coco_path: Path) -> None:
+@contextmanager
+def open_results(results_path: Path) -> Iterator[TextIO]:
+    """The results JSONL opened for appending, after ending a line an interrupted run left half-written."""
+    needs_newline = not _ends_with_newline(results_path)
+    with results_path.open("a", encoding="utf-8") as handle:
+        if needs_newline:
+            handle.write("\n")  # the previous run stopped in the middle of a line
+        yield handle
+
+
+def write_run_summary(output_dir: Path, facts: dict[str, Any]) -> Path:
+    """``output_dir/summary.json``: what the last run did (engine, workers, images/second, the model that ran)."""
+    path = Path(output_dir) / SUMMARY_FILE
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(facts, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    partial.replace(path)
+    return path
+
+
+def write_coco(results_path: Path, coco_path: Path) -> None:
+    """``coco.json`` from every record of the results JSONL (:func:`helpers.export.to_coco`), written atomically."""
     from helpers.export import to_coco
 
     records, _ = read_results(results_path)
@@ -224,6 +264,98 @@ def _write_coco(results_path: Path, coco_path: Path) -> None:
     partial = coco_path.with_name(coco_path.name + ".partial")
     partial.write_text(json.dumps(dataset, ensure_ascii=False), encoding="utf-8")
     partial.replace(coco_path)
+
+
+def check_request(tasks: Sequence[str] | str, text_input: str | None, batch_size: int) -> list[str]:
+    """The task tokens of a request, checked before the first image (a missing text input, a bad batch size)."""
+    from helpers.tasks import TASKS, build_prompt, resolve_task
+
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    tokens = list(dict.fromkeys(resolve_task(task) for task in tasks))
+    if not tokens:
+        raise ValueError('Give at least one task, e.g. --task "<OD>".')
+    for token in tokens:  # fail before the first image, not at it
+        build_prompt(token, text_input if TASKS[token].needs_text else None, image_size=(1000, 1000))
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    return tokens
+
+
+@dataclass
+class JobPlan:
+    """What a run still has to do: ``jobs`` (images or tasks missing from ``results``), ``skipped`` images already
+    done, and the unreadable lines found in the results file."""
+
+    results: Path
+    jobs: list[ImageJob]
+    skipped: int
+    unreadable_lines: int
+
+
+def plan_jobs(
+    source: str | Path, tokens: Sequence[str], output_dir: str | Path, *, retry_errors: bool = False,
+    recursive: bool = False,
+) -> JobPlan:  # fmt: skip
+    """Compare the images of ``source`` with ``output_dir/results.jsonl``: every image without a line, or missing
+    some of ``tokens``, becomes a job (failed images only with ``retry_errors``). Creates ``output_dir``."""
+    root, files = find_images(source, recursive=recursive)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / RESULTS_FILE
+    done, bad_lines = read_results(results_path)
+    jobs: list[ImageJob] = []
+    skipped = 0
+    for path in files:
+        key = _key(path, root)
+        previous = done.get(key)
+        if previous is None or (previous.get("error") and retry_errors):
+            jobs.append(ImageJob(key, path, list(tokens), {}))
+            continue
+        missing = [t for t in tokens if t not in (previous.get("results") or {})]
+        if previous.get("error") or not missing:
+            skipped += 1
+        else:
+            size = (previous["width"], previous["height"]) if "width" in previous and "height" in previous else None
+            jobs.append(ImageJob(key, path, missing, dict(previous.get("results") or {}), size))
+    return JobPlan(results_path, jobs, skipped, bad_lines)
+
+
+def answer_chunk(
+    model: Any, processor: Any, jobs: Sequence[ImageJob], tokens: Sequence[str], *, text_input: str | None = None,
+    scores: bool = True, **generate_kwargs: Any,
+) -> None:  # fmt: skip
+    """Load the pictures of ``jobs`` and answer each of ``tokens`` they still miss in one ``generate`` batch per
+    task; a failing image gets an error in ``job.errors`` and the others go on. Both engines run this (one process
+    here, one Ray actor per chunk in :mod:`helpers.ray_engine`)."""
+    from helpers.tasks import TASKS, load_image
+
+    for job in jobs:
+        try:
+            job.picture = load_image(job.path)
+        except Exception as error:  # noqa: BLE001 - unreadable files are reported, not fatal
+            job.errors.append(f"{type(error).__name__}: {error}")
+    for token in tokens:
+        ready = [job for job in jobs if job.picture is not None and token in job.tasks]
+        if not ready:
+            continue
+        text = text_input if TASKS[token].needs_text else None
+        try:
+            _answer(ready, model, processor, token, text, scores, generate_kwargs)
+        except Exception as error:  # noqa: BLE001
+            ready[0].errors.append(f"{token}: {type(error).__name__}: {error}")
+
+
+def job_record(job: ImageJob) -> dict[str, Any]:
+    """The JSONL line of an answered job: its earlier answers merged with the new ones, and its errors."""
+    record: dict[str, Any] = {"file": job.key}
+    size = job.picture.size if job.picture is not None else job.size
+    if size is not None:
+        record["width"], record["height"] = size
+    record["results"] = {**job.previous, **job.results}
+    if job.errors:
+        record["error"] = "; ".join(job.errors)
+    return record
 
 
 def process_images(
@@ -254,87 +386,39 @@ def process_images(
     """
     from tqdm.auto import tqdm
 
-    from helpers.tasks import TASKS, build_prompt, load_image, resolve_task
+    tokens = check_request(tasks, text_input, batch_size)
+    plan = plan_jobs(source, tokens, output_dir, retry_errors=retry_errors, recursive=recursive)
+    results_path, jobs = plan.results, plan.jobs
+    summary = BatchSummary(skipped=plan.skipped, unreadable_lines=plan.unreadable_lines, results=results_path)
 
-    if isinstance(tasks, str):
-        tasks = [tasks]
-    tokens = list(dict.fromkeys(resolve_task(task) for task in tasks))
-    if not tokens:
-        raise ValueError('Give at least one task, e.g. --task "<OD>".')
-    for token in tokens:  # fail before the first image, not at it
-        build_prompt(token, text_input if TASKS[token].needs_text else None, image_size=(1000, 1000))
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    root, files = find_images(source, recursive=recursive)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / RESULTS_FILE
-    done, bad_lines = read_results(results_path)
-    summary = BatchSummary(unreadable_lines=bad_lines, results=results_path)
-
-    jobs: list[_Job] = []
-    for path in files:
-        key = _key(path, root)
-        previous = done.get(key)
-        if previous is None or (previous.get("error") and retry_errors):
-            jobs.append(_Job(key, path, tokens, {}))
-            continue
-        missing = [t for t in tokens if t not in (previous.get("results") or {})]
-        if previous.get("error") or not missing:
-            summary.skipped += 1
-        else:
-            size = (previous["width"], previous["height"]) if "width" in previous and "height" in previous else None
-            jobs.append(_Job(key, path, missing, dict(previous.get("results") or {}), size))
-
-    drawings = out / DRAWINGS_DIR
+    drawings = results_path.parent / DRAWINGS_DIR
     if draw:
         summary.drawings = drawings
-    needs_newline = not _ends_with_newline(results_path)
-    with results_path.open("a", encoding="utf-8") as handle, tqdm(
+    with open_results(results_path) as handle, tqdm(
         total=len(jobs), unit="image", disable=not progress or not jobs, desc="Florence-2"
     ) as bar:
-        if needs_newline:
-            handle.write("\n")  # the previous run stopped in the middle of a line
         for batch in _chunks(jobs, batch_size):
+            answer_chunk(model, processor, batch, tokens, text_input=text_input, scores=scores, **generate_kwargs)
+            records = []
             for job in batch:
-                try:
-                    job.picture = load_image(job.path)
-                except Exception as error:  # noqa: BLE001 - unreadable files are reported, not fatal
-                    job.errors.append(f"{type(error).__name__}: {error}")
-            for token in tokens:
-                ready = [job for job in batch if job.picture is not None and token in job.tasks]
-                if not ready:
-                    continue
-                text = text_input if TASKS[token].needs_text else None
-                try:
-                    _answer(ready, model, processor, token, text, scores, generate_kwargs)
-                except Exception as error:  # noqa: BLE001
-                    ready[0].errors.append(f"{token}: {type(error).__name__}: {error}")
-            for job in batch:
-                record: dict[str, Any] = {"file": job.key}
-                size = job.picture.size if job.picture is not None else job.size
-                if size is not None:
-                    record["width"], record["height"] = size
-                record["results"] = {**job.previous, **job.results}
                 if draw and job.picture is not None:
-                    _draw(job, drawings)
+                    draw_job(job, drawings)
+                records.append(job_record(job))
                 if job.errors:
-                    record["error"] = "; ".join(job.errors)
                     summary.failed.append(job.key)
                 else:
                     summary.processed += 1
-                _append(handle, record)
                 job.picture = None  # free the pixels
-            handle.flush()
-            os.fsync(handle.fileno())
+            append_records(handle, records)
             bar.update(len(batch))
     if coco:
-        summary.coco = out / COCO_FILE
-        _write_coco(results_path, summary.coco)
+        summary.coco = results_path.parent / COCO_FILE
+        write_coco(results_path, summary.coco)
     return summary
 
 
-def _draw(job: _Job, folder: Path) -> None:
+def draw_job(job: ImageJob, folder: Path) -> None:
+    """Save ``folder/<file>.<task>.png`` for every new answer of ``job``; a drawing that fails becomes an error."""
     from helpers.plotting import draw_answer
 
     for task, answer in job.results.items():
@@ -353,7 +437,7 @@ def _draw(job: _Job, folder: Path) -> None:
 #: Options (of this parser and of the single-image one) that take a value: used to find the positional argument.
 _VALUE_OPTIONS = (
     "--task", "--text", "--model", "--device", "--weight-format", "--max-new-tokens", "--num-beams", "--out",
-    "--output-dir", "--batch-size",
+    "--output-dir", "--batch-size", "--engine", "--workers", "--ray-address",
 )  # fmt: skip
 
 
@@ -404,8 +488,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--retry-errors", action="store_true", help="run again the images that failed before")
     parser.add_argument("--recursive", action="store_true", help="include images in sub-folders of a folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="local: one process (default); ray: Ray Data actors, see helpers/ray_engine.py")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=2, help="--engine ray: model-holding actors (default: 2)")
+    parser.add_argument("--ray-address", default=None,
+                        help="--engine ray: an existing cluster (e.g. auto, ray://head:10001); default: start a "
+                        "local one")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     return parser
+
+
+def _run_local(args: argparse.Namespace, tasks: list[str], options: dict[str, Any]) -> BatchSummary:
+    """The one-process engine, timed, with ``summary.json`` beside the results."""
+    import time
+
+    from helpers.models import load_model
+
+    model, processor = load_model(args.model, args.weight_format, args.device)
+    started = time.perf_counter()
+    summary = process_images(model, processor, args.source, tasks, args.output_dir, **options)
+    seconds = time.perf_counter() - started
+    answered = summary.processed + len(summary.failed)
+    write_run_summary(args.output_dir, {
+        "engine": "local", "workers": 1, "batch_size": args.batch_size, "images_answered": answered,
+        "images_failed": len(summary.failed), "images_skipped": summary.skipped, "seconds": round(seconds, 3),
+        "images_per_second": round(answered / seconds, 4) if answered and seconds > 0 else None,
+        "model": args.model, "model_dirs_loaded": [str(model.model_dir)], "ov_configs": [model.ov_config],
+    })  # fmt: skip
+    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -415,20 +525,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:
         print("error: --out saves one drawing; for a folder use --output-dir DIR --draw.", file=sys.stderr)
         return 2
-    from helpers.models import load_model
-
     generate_kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
     if args.num_beams is not None:
         generate_kwargs["num_beams"] = args.num_beams
     tasks = args.task or ["<CAPTION>"]
+    common = dict(text_input=args.text, batch_size=args.batch_size, scores=not args.no_scores, coco=args.coco,
+                  draw=args.draw, retry_errors=args.retry_errors, recursive=args.recursive, progress=not args.quiet,
+                  **generate_kwargs)  # fmt: skip
     try:
         find_images(args.source, recursive=args.recursive)  # report a wrong path before loading the model
-        model, processor = load_model(args.model, args.weight_format, args.device)
-        summary = process_images(
-            model, processor, args.source, tasks, args.output_dir, text_input=args.text,
-            batch_size=args.batch_size, scores=not args.no_scores, coco=args.coco, draw=args.draw,
-            retry_errors=args.retry_errors, recursive=args.recursive, progress=not args.quiet, **generate_kwargs,
-        )  # fmt: skip
+        if args.engine == "ray":
+            from helpers.ray_engine import label_on_ray
+
+            summary = label_on_ray(args.model, args.source, tasks, args.output_dir, workers=args.workers,
+                                   ray_address=args.ray_address, weight_format=args.weight_format,
+                                   device=args.device, **common)  # fmt: skip
+        else:
+            summary = _run_local(args, tasks, common)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

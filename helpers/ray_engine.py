@@ -221,7 +221,8 @@ def label_on_ray(
     out = plan.results.parent
     summary.drawings = out / DRAWINGS_DIR if draw else None
     seen: dict[str, set[str]] = {"model_dirs": set(), "actors": set(), "ov_configs": set()}
-    cluster, started = None, time.perf_counter()
+    clock = _Clock()
+    cluster = None
     if plan.jobs:
         from helpers.models import ensure_converted
 
@@ -233,16 +234,17 @@ def label_on_ray(
         with _ray_cluster(ray_address, workers * cpus) as ray, open_results(plan.results) as handle, tqdm(
             total=len(plan.jobs), unit="image", disable=not progress, desc=f"Florence-2 on Ray ({workers} workers)"
         ) as bar:
-            cluster, started = ray.get_runtime_context().gcs_address, time.perf_counter()
+            cluster = ray.get_runtime_context().gcs_address
+            clock.start()
             for row in _answered_chunks(ray, _chunk_rows(plan.jobs, batch_size), workers, cpus, worker_kwargs):
                 records = json.loads(row["records"])
                 if summary.drawings:
                     _save_drawings(json.loads(row["drawings"]), summary.drawings)
                 append_records(handle, records)
+                clock.chunk_done(len(records))
                 _count(summary, records)
                 _note_worker(seen, json.loads(row["worker"]))
                 bar.update(len(records))
-    seconds = time.perf_counter() - started
     answered = summary.processed + len(summary.failed)
     missing = len(plan.jobs) - answered
     if missing:
@@ -254,12 +256,39 @@ def label_on_ray(
     write_run_summary(out, {
         "engine": "ray", "workers": workers, "cpus_per_worker": cpus, "ray_address": ray_address, "cluster": cluster,
         "batch_size": batch_size, "tasks": tokens, "images_answered": answered, "images_failed": len(summary.failed),
-        "images_skipped": summary.skipped, "images_missing": missing, "seconds": round(seconds, 3),
-        "images_per_second": round(answered / seconds, 4) if answered and seconds > 0 else None,
+        "images_skipped": summary.skipped, "images_missing": missing, **clock.facts(answered),
         "model": model, "model_dirs_loaded": sorted(seen["model_dirs"]), "actors_seen": len(seen["actors"]),
         "ov_configs": [json.loads(c) for c in sorted(seen["ov_configs"])],
     })  # fmt: skip
     return summary
+
+
+class _Clock:
+    """Times a run: from the start of the dataset (actors starting, loading the model) to the first answered chunk,
+    and from there to the last one (answering only)."""
+
+    def __init__(self) -> None:
+        self.started = self.last = time.perf_counter()
+        self.first: tuple[float, int] | None = None  # (when, images in it)
+
+    def start(self) -> None:
+        self.started = self.last = time.perf_counter()
+
+    def chunk_done(self, images: int) -> None:
+        self.last = time.perf_counter()
+        if self.first is None:
+            self.first = (self.last, images)
+
+    def facts(self, answered: int) -> dict[str, Any]:
+        seconds = self.last - self.started
+        first_at, first_images = self.first or (self.last, answered)
+        return {
+            "seconds": round(seconds, 3),
+            "images_per_second": round(answered / seconds, 4) if answered and seconds > 0 else None,
+            "first_chunk_seconds": round(first_at - self.started, 3),
+            "images_after_first_chunk": answered - first_images,
+            "seconds_after_first_chunk": round(self.last - first_at, 3),
+        }
 
 
 def _count(summary: BatchSummary, records: list[dict[str, Any]]) -> None:

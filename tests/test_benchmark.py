@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +134,24 @@ def test_a_worker_reports_its_own_peak_memory_not_its_parents(benchmark):
     script = f"import importlib.util as u; s = u.spec_from_file_location('b', {str(BENCHMARK)!r}); m = u.module_from_spec(s); s.loader.exec_module(m); print(m.peak_rss_mb())"
     child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert float(child.stdout) < parent_mb / 2, f"child peak {child.stdout.strip()} MB, parent {parent_mb:.0f} MB"
+
+
+@pytest.mark.slow
+def test_engine_throughput_puts_one_process_and_ray_side_by_side(benchmark, tiny_model_dir, tmp_path):
+    report = benchmark.run_engine_throughput(str(tiny_model_dir), quick=True, output=tmp_path / "engines.json",
+                                             verbose=False)  # fmt: skip
+    results = report["results"]
+    assert [(r["engine"], r["batch_size"], r["workers"]) for r in results.values()] == list(benchmark.ENGINE_SETUPS)
+    images = report["settings"]["images"]
+    for name, result in results.items():
+        assert result["images"] == images, name  # every engine labelled every image
+        for field in ("seconds", "images_per_s", "steady_images_per_s", "images_per_s_per_core"):
+            assert _finite_positive(result[field]), f"{name}.{field} = {result.get(field)!r}"
+        assert result["images_per_s"] == pytest.approx(images / result["seconds"])
+    ray_results = [r for r in results.values() if r["engine"] == "ray"]
+    for result in ray_results:  # each worker gets its share of the cores, none more
+        assert result["cores"] == max(1, os.cpu_count() // result["workers"]) * result["workers"]
+        assert 0 < result["first_chunk_s"] <= result["seconds"] and result["steady_images"] < images
+        assert len(result["models_loaded"]) == 1 and Path(result["models_loaded"][0]).is_dir()
+    assert json.loads(Path(report["json_path"]).read_text())["results"].keys() == results.keys()
+    assert all(name in report["table"] for name in results)

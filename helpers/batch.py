@@ -5,16 +5,36 @@
 
 Every image gets one line in ``OUTPUT_DIR/results.jsonl``::
 
-    {"file": "street.jpg", "width": 640, "height": 480,
-     "results": {"<OD>": {"bboxes": [...], "labels": [...], "scores": [...]}, "<CAPTION>": "A street ..."}}
+    {"file": "street.jpg", "sha256": "…", "width": 640, "height": 480,
+     "results": {"<OD>": {"bboxes": [...], "labels": [...], "scores": [...]}, "<CAPTION>": "A street ..."},
+     "requests": {"<OD>": "…", "<CAPTION>": "…"}}
 
-``file`` is relative to the folder (or to the fixed part of the glob). Box, polygon and OCR answers carry the
-confidence scores of :mod:`helpers.scores` (``--no-scores`` to skip them); text answers are as ``run_task`` returns
-them. An image that cannot be read or answered gets ``"error": "..."`` (with the answers that did succeed) and the
-run goes on. Lines are appended after every batch, so an interrupted run loses at most one batch: run the same
-command again and it skips every image already in the JSONL (``--retry-errors`` retries the failed ones; a new
-``--task`` runs just that task on the images already done). ``--coco`` writes ``coco.json`` from all lines
-(:func:`helpers.export.to_coco`), ``--draw`` saves ``drawings/<file>.<TASK>.png``.
+``file`` is relative to the folder (or to the fixed part of the glob); ``sha256`` is the image file's content hash;
+``requests`` holds, per task, the key of what was asked (:meth:`BatchRequest.key`: task, text input, model and the
+hash of its weights, weight format, generation settings, scores). Box, polygon and OCR answers carry the confidence
+scores of :mod:`helpers.scores` (``--no-scores`` to skip them). An image that cannot be read or answered gets
+``"error": "..."`` and ``"error_cause"`` (``"image"``: the file could not be read; ``"request"``: answering failed)
+with the answers that did succeed, and the run goes on.
+
+**One output folder answers one request about one folder of images.** ``OUTPUT_DIR/request.json`` records the
+image folder and, per task, the settings. A run whose image folder or settings differ is refused before any image,
+with a message naming each difference: you choose a new ``--output-dir`` (keeps both answers), or ``--update``
+(answers again, with the new settings, exactly the images whose answers were made with other settings, and
+replaces those answers). This is what someone labelling a dataset needs: the default ``florence2_results`` folder
+can never mix ``dayA/IMG_0001.jpg``'s answers into ``dayB``'s, nor answers from two models or two ``--text``.
+
+**Resuming.** Lines are appended after every batch, so an interrupted run loses at most one batch: run the same
+command again and it answers exactly what is missing: new images, tasks added since, images whose content changed
+(a different ``sha256``), images that failed because of the request (retried by default). Images that failed
+because the file could not be read are skipped and listed; ``--retry-errors`` tries them again. A half-written last
+line left by a killed run is removed. One run at a time writes an output folder (a lock file, ``.lock``; the lock
+of a run that died is taken over). ``--coco`` writes ``coco.json`` from all lines (:func:`helpers.export.to_coco`),
+``--draw`` saves ``drawings/<file>.<TASK>.png``.
+
+The steps are public functions, so another engine can run them: :func:`plan_batch` (which images and tasks are
+pending), :func:`answer_chunk` (answer some of them → records), :func:`append_records`, :func:`write_coco` and
+:func:`draw_record`, inside :func:`output_lock`. ``--engine ray --workers N`` does that on Ray Data
+(:mod:`helpers.ray_engine`); both engines write ``summary.json`` (engine, images/second, the model that ran).
 
 Taught in ``notebooks/11_speed.ipynb`` (batches) and the README ("Use it in your own project").
 """
@@ -22,34 +42,41 @@ Taught in ``notebooks/11_speed.ipynb`` (batches) and the README ("Use it in your
 from __future__ import annotations
 
 import argparse
-import glob
+import contextlib
+import fnmatch
+import hashlib
 import json
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "BatchLockedError",
+    "BatchRequest",
     "BatchSummary",
     "ImageJob",
-    "JobPlan",
+    "RequestMismatchError",
     "answer_chunk",
     "append_records",
     "build_parser",
-    "check_request",
-    "draw_job",
+    "check_output_folder",
+    "describe",
+    "draw_record",
+    "file_sha256",
     "find_images",
     "is_batch_source",
-    "job_record",
     "main",
-    "open_results",
-    "plan_jobs",
+    "make_request",
+    "model_identity",
+    "output_lock",
+    "plan_batch",
     "process_images",
     "read_results",
+    "repair_results",
     "wants_batch",
     "write_coco",
     "write_run_summary",
@@ -58,14 +85,24 @@ __all__ = [
 #: File types picked up from a folder (a glob takes whatever it matches).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 RESULTS_FILE = "results.jsonl"
+REQUEST_FILE = "request.json"
+LOCK_FILE = ".lock"
 COCO_FILE = "coco.json"
 SUMMARY_FILE = "summary.json"
 DRAWINGS_DIR = "drawings"
 _GLOB_CHARS = ("*", "?", "[")
 
 
+class BatchLockedError(RuntimeError):
+    """Another live run is writing the same output folder."""
+
+
+class RequestMismatchError(ValueError):
+    """The output folder holds answers to another request (other images, model, text or settings)."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Finding images and reading earlier results
+# Finding images
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -90,24 +127,76 @@ def _glob_root(pattern: str) -> Path:
     return Path(*fixed) if fixed else Path(".")
 
 
+def _walk_files(root: Path, *, recursive: bool) -> Iterator[Path]:
+    """Files under ``root``. Symlinked folders are followed after every real folder, and each folder is visited once,
+    so a symlink loop neither repeats files nor hangs the search, and a file keeps its real path when it has one."""
+    seen: set[tuple[int, int]] = set()
+    real, linked = [root], []
+    while real or linked:
+        folder = real.pop() if real else linked.pop(0)
+        try:
+            info = folder.stat()
+        except OSError:
+            continue  # a dangling link or a folder removed meanwhile
+        if (info.st_dev, info.st_ino) in seen:
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError:
+            continue  # an unreadable folder: its images cannot be found, the others can
+        for entry in entries:
+            path = folder / entry.name
+            try:
+                if entry.is_dir():
+                    if recursive:
+                        (linked if entry.is_symlink() else real).append(path)
+                elif entry.is_file():
+                    yield path
+            except OSError:
+                continue
+
+
+def _glob_match(pattern: Sequence[str], parts: Sequence[str]) -> bool:
+    """Whether relative path ``parts`` match glob ``pattern`` parts as :func:`glob.glob` would (``**`` is any number
+    of folders; names starting with ``.`` match only a pattern part that starts with ``.``)."""
+    if not pattern:
+        return not parts
+    head = pattern[0]
+    if head == "**":
+        return any(
+            _glob_match(pattern[1:], parts[skip:]) for skip in range(len(parts) + 1)
+            if not any(part.startswith(".") for part in parts[:skip])
+        )  # fmt: skip
+    if not parts or (parts[0].startswith(".") and not head.startswith(".")):
+        return False
+    return fnmatch.fnmatchcase(parts[0], head) and _glob_match(pattern[1:], parts[1:])
+
+
+def _glob_files(pattern: str) -> tuple[Path, list[Path]]:
+    """Like ``glob.glob(pattern, recursive=True)`` for files, without following a symlink loop more than once."""
+    root = _glob_root(pattern)
+    parts = Path(pattern).expanduser().parts[len(root.parts) if root != Path(".") else 0 :]
+    walk = _walk_files(root, recursive=len(parts) > 1)
+    return root, sorted(path for path in walk if _glob_match(parts, path.relative_to(root).parts))
+
+
 def find_images(source: str | Path, *, recursive: bool = False) -> tuple[Path, list[Path]]:
     """``(root, image paths)`` for a folder (files with an image suffix, sorted; ``recursive`` descends into
-    sub-folders) or a glob (every file it matches, sorted; ``**`` works). Raises ``ValueError`` when nothing is found.
-    Taught in the README ("Use it in your own project")."""
+    sub-folders) or a glob (every file it matches, sorted; ``**`` works). Symlink loops are visited once. Raises
+    ``ValueError`` when nothing is found. Taught in the README ("Use it in your own project")."""
     text = str(source)
     path = Path(text).expanduser()
     if path.is_dir():
-        candidates = path.rglob("*") if recursive else path.iterdir()
-        files = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         root = path
+        files = sorted(p for p in _walk_files(path, recursive=recursive) if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ValueError(
                 f"No images in {path} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}"
                 f"{'' if recursive else ', not in sub-folders: add --recursive'})."
             )
     elif _is_glob(text):
-        root = _glob_root(text)
-        files = sorted(Path(p) for p in glob.glob(str(Path(text).expanduser()), recursive=True) if Path(p).is_file())
+        root, files = _glob_files(text)
         if not files:
             raise ValueError(f"The pattern {text!r} matches no files. Quote it so the shell does not expand it.")
     else:
@@ -124,6 +213,36 @@ def _key(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes: what identifies an image across renames and reruns."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _shown(name: str) -> str:
+    """A file name printable anywhere: bytes that are not valid UTF-8 appear as ``\\xNN``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace") if name else name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading and writing results
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _json_text(value: Any) -> str:
+    """JSON text that can be written as UTF-8 even when a file name holds bytes that are not UTF-8 (they become
+    ``\\udcNN`` escapes, which ``json.loads`` reads back as the same name)."""
+    text = json.dumps(value, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(value, ensure_ascii=True)
+    return text
+
+
 def read_results(path: str | Path) -> tuple[dict[str, dict[str, Any]], int]:
     """The records of a results JSONL by ``file`` (a later line for the same file wins) and the number of lines that
     could not be read (e.g. the half-written last line of an interrupted run). A missing file gives ``({}, 0)``."""
@@ -132,13 +251,13 @@ def read_results(path: str | Path) -> tuple[dict[str, dict[str, Any]], int]:
     path = Path(path)
     if not path.exists():
         return records, 0
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            if not line.strip():
+    with path.open("rb") as handle:
+        for raw in handle:
+            if not raw.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
                 bad += 1
                 continue
             if isinstance(record, dict) and isinstance(record.get("file"), str):
@@ -148,36 +267,347 @@ def read_results(path: str | Path) -> tuple[dict[str, dict[str, Any]], int]:
     return records, bad
 
 
+def repair_results(path: str | Path) -> bool:
+    """Remove a half-written last line (what a killed run leaves) so that every line is whole JSON again; True when
+    something was removed. Lines before it are never touched."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with path.open("rb+") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, size - (1 << 20)))
+        tail = handle.read()
+        if tail.endswith(b"\n"):
+            return False
+        cut = tail.rfind(b"\n")
+        if cut < 0 and size > len(tail):
+            return False  # a last line over 1 MB: leave it (read_results ignores it)
+        handle.truncate(size - len(tail) + cut + 1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return True
+
+
+def append_records(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
+    """Append records as JSONL lines and make them durable (``fsync``) before returning."""
+    data = "".join(_json_text(record) + "\n" for record in records).encode("utf-8")
+    with open(path, "ab") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_coco(results_path: str | Path, coco_path: str | Path) -> None:
+    """Write ``coco.json`` from every record of a results JSONL (atomically: a half-written file never stays)."""
+    from helpers.export import to_coco
+
+    records, _ = read_results(results_path)
+    dataset = to_coco(sorted(records.values(), key=lambda r: r["file"]))
+    coco_path = Path(coco_path)
+    partial = coco_path.with_name(coco_path.name + ".partial")
+    partial.write_text(_json_text(dataset), encoding="utf-8")
+    partial.replace(coco_path)
+
+
+def write_run_summary(output_dir: str | Path, facts: dict[str, Any]) -> Path:
+    """``output_dir/summary.json``: what the last run did (engine, workers, images/second, the model that ran),
+    written atomically."""
+    path = Path(output_dir) / SUMMARY_FILE
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(facts, indent=1, ensure_ascii=True) + "\n", encoding="utf-8")
+    partial.replace(path)
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: str | Path) -> Iterator[Path]:
+    """Hold ``output_dir/.lock`` while a run writes the folder: a second run gets :class:`BatchLockedError` naming
+    the first one's process id. The lock is an OS file lock (released when its process dies, even by kill -9); where
+    file locks do not exist, the file holds the pid and a dead pid's lock is taken over."""
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        fcntl = None  # type: ignore[assignment]
+    if fcntl is None:
+        yield from _pid_file_lock(path)
+        return
+    handle = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            raise BatchLockedError(
+                f"Another run (process {holder}) is writing {folder}. Wait for it to finish, or choose another "
+                "--output-dir. (Two runs writing one folder would answer every image twice.)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield folder
+    finally:
+        handle.close()  # closing releases the lock
+
+
+def _pid_file_lock(path: Path) -> Iterator[Path]:
+    for _ in range(2):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                holder = 0
+            if holder and _pid_alive(holder):
+                raise BatchLockedError(
+                    f"Another run (process {holder}) is writing {path.parent}. Wait for it to finish, or choose "
+                    "another --output-dir."
+                ) from None
+            path.unlink(missing_ok=True)  # the run that held it died: take it over
+            continue
+        os.write(descriptor, str(os.getpid()).encode())
+        os.close(descriptor)
+        try:
+            yield path.parent
+        finally:
+            path.unlink(missing_ok=True)
+        return
+    raise BatchLockedError(f"Could not take {path}; another run keeps taking it. Choose another --output-dir.")
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Processing
+# What was asked
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def model_identity(model: Any) -> dict[str, str]:
+    """``{"model", "content", "weight_format"}`` of a loaded model: what ran, and a hash of its weights, so answers
+    from a retrained or re-quantised model are never taken for the old ones. An OpenVINO model is identified by its
+    conversion manifest (source, file hashes, weight format); a PyTorch model by its config name, a hash of its
+    parameters and their dtype."""
+    manifest = getattr(model, "manifest", None)
+    if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict):
+        hashes = sorted((name, entry.get("sha256", "")) for name, entry in manifest["files"].items())
+        return {
+            "model": str(manifest.get("source", "")),
+            "content": hashlib.sha256(json.dumps(hashes).encode()).hexdigest()[:16],
+            "weight_format": str(manifest.get("weight_format", "")),
+        }
+    digest = hashlib.sha256()
+    dtype = ""
+    state = model.state_dict() if hasattr(model, "state_dict") else {}
+    for name, tensor in sorted(state.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(dtype=_byte_dtype()).numpy().tobytes())
+        dtype = dtype or str(tensor.dtype).replace("torch.", "")
+    config = getattr(model, "config", None)
+    return {
+        "model": str(getattr(config, "_name_or_path", "") or type(model).__name__),
+        "content": digest.hexdigest()[:16],
+        "weight_format": f"pytorch-{dtype}",
+    }
+
+
+def _byte_dtype() -> Any:
+    import torch
+
+    return torch.uint8
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """Everything that decides an answer besides the image: tasks, text input, the model (name, weight hash, weight
+    format), generation settings and whether scores are added. Build it with :func:`make_request`."""
+
+    tasks: tuple[str, ...]
+    text_input: str | None
+    scores: bool
+    generate_kwargs: dict[str, Any]
+    model: dict[str, str]
+
+    def settings(self, task: str) -> dict[str, Any]:
+        """What one task's answers depend on (besides the image); compared with an output folder's request.json."""
+        from helpers.scores import SCORED_TASKS
+        from helpers.tasks import TASKS
+
+        return {
+            **self.model,
+            "text": self.text_input if TASKS[task].needs_text else None,
+            "generate": dict(sorted(self.generate_kwargs.items())),
+            "scores": self.scores and task in SCORED_TASKS,
+        }
+
+    def key(self, task: str) -> str:
+        """A short hash of :meth:`settings` plus the task: equal keys mean the same question."""
+        return hashlib.sha256(_json_text({"task": task, **self.settings(task)}).encode()).hexdigest()[:16]
+
+
+def make_request(
+    model: Any,
+    tasks: Sequence[str] | str,
+    *,
+    text_input: str | None = None,
+    scores: bool = True,
+    **generate_kwargs: Any,
+) -> BatchRequest:
+    """Check a batch request before any image (task names, text input, ``max_new_tokens``, ``num_beams``,
+    ``min_new_tokens``) and return it; raises ``ValueError`` naming the problem."""
+    from helpers.tasks import TASKS, build_prompt, check_generate_kwargs, resolve_task
+
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    tokens = tuple(dict.fromkeys(resolve_task(task) for task in tasks))
+    if not tokens:
+        raise ValueError('Give at least one task, e.g. --task "<OD>".')
+    for token in tokens:  # fail before the first image, not at it
+        build_prompt(token, text_input if TASKS[token].needs_text else None, image_size=(1000, 1000))
+    check_generate_kwargs(model, generate_kwargs)
+    return BatchRequest(tokens, text_input, bool(scores), dict(generate_kwargs), model_identity(model))
+
+
+def _read_request_file(out: Path) -> dict[str, Any] | None:
+    path = out / REQUEST_FILE
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise RequestMismatchError(f"{path} is unreadable ({error}). Delete it and rerun with --update.") from error
+    return data if isinstance(data, dict) else {}
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [f"{name} was {old.get(name)!r}, now {new.get(name)!r}" for name in sorted(set(old) | set(new))
+            if old.get(name) != new.get(name)]  # fmt: skip
+
+
+def check_output_folder(out: Path, root: Path, request: BatchRequest, *, update: bool) -> None:
+    """Refuse (``RequestMismatchError``) an output folder written for other images or other settings, naming each
+    difference; with ``update`` accept it and record this request. Writes ``request.json``."""
+    saved = _read_request_file(out)
+    images = str(root.resolve())
+    if saved is None and (out / RESULTS_FILE).exists() and (out / RESULTS_FILE).stat().st_size and not update:
+        raise RequestMismatchError(
+            f"{out / RESULTS_FILE} was written by an older version, without a record of what was asked. Rerun with "
+            "--update (update=True) to answer again every image with these settings, or choose another --output-dir."
+        )
+    saved = saved or {}
+    problems: list[str] = []
+    if saved.get("images") not in (None, images):
+        problems.append(f"images: this folder holds answers for {saved['images']}, this run reads {images}")
+    saved_tasks = saved.get("tasks") if isinstance(saved.get("tasks"), dict) else {}
+    for task in request.tasks:
+        if task in saved_tasks and saved_tasks[task] != request.settings(task):
+            problems += [f"{task}: {d}" for d in _differences(saved_tasks[task], request.settings(task))]
+    if problems and not update:
+        raise RequestMismatchError(
+            f"{out} holds answers to another request:\n  " + "\n  ".join(problems) + "\nChoose another --output-dir "
+            "to keep both, or rerun with --update (update=True) to answer those images again with this request."
+        )
+    record = {"images": images, "tasks": {**saved_tasks, **{t: request.settings(t) for t in request.tasks}}}
+    partial = out / (REQUEST_FILE + ".partial")
+    partial.write_text(json.dumps(record, indent=2, ensure_ascii=True), encoding="utf-8")
+    partial.replace(out / REQUEST_FILE)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Planning and answering
 # ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
+class ImageJob:
+    """One image with the tasks it still needs; plain data, so it can travel to another process."""
+
+    key: str
+    path: str
+    sha256: str | None
+    tasks: list[str]
+    previous: dict[str, Any] = field(default_factory=dict)  # earlier answers still valid for this image
+    previous_requests: dict[str, str] = field(default_factory=dict)
+    size: tuple[int, int] | None = None  # from an earlier line, for an image that no longer loads
+    hash_error: str | None = None
+
+
+@dataclass
 class BatchSummary:
-    """What :func:`process_images` did: images answered now, skipped (already in the JSONL), failed now."""
+    """What a run did. ``processed``/``failed``: images answered/failed now; ``skipped``: already done;
+    ``skipped_failed``: failed before because the file could not be read (``--retry-errors`` retries them);
+    ``changed``: answered again because their content changed; ``updated``: answered again because the request
+    changed (``--update``); ``retried``: failed before because of the request, tried again now."""
 
     processed: int = 0
     skipped: int = 0
     failed: list[str] = field(default_factory=list)
+    skipped_failed: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    retried: list[str] = field(default_factory=list)
     unreadable_lines: int = 0
+    repaired: bool = False
     results: Path | None = None
     coco: Path | None = None
     drawings: Path | None = None
 
 
-@dataclass
-class ImageJob:
-    """One image still to answer: ``tasks`` are the missing ones, ``previous`` the answers an earlier run kept."""
-
-    key: str
-    path: Path
-    tasks: list[str]
-    previous: dict[str, Any]
-    size: tuple[int, int] | None = None  # from an earlier line, for an image that no longer loads
-    picture: Any = None
-    results: dict[str, Any] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
+def plan_batch(
+    root: Path, files: Sequence[Path], records: dict[str, dict[str, Any]], request: BatchRequest,
+    summary: BatchSummary, *, retry_errors: bool = False,
+) -> list[ImageJob]:  # fmt: skip
+    """The images of ``files`` that need work, each with the tasks it still needs: new images, new tasks, images
+    whose content hash changed, answers made for another request, images that failed because of the request (and,
+    with ``retry_errors``, those that failed because the file could not be read). Counts what it skips in
+    ``summary``."""
+    jobs: list[ImageJob] = []
+    for path in files:
+        key = _key(path, root)
+        try:
+            sha = file_sha256(path)
+            hash_error = None
+        except OSError as error:
+            sha, hash_error = None, f"{type(error).__name__}: {error}"
+        previous = records.get(key)
+        if previous is None:
+            jobs.append(ImageJob(key, str(path), sha, list(request.tasks), hash_error=hash_error))
+            continue
+        if previous.get("sha256") != sha:
+            summary.changed.append(key)
+            jobs.append(ImageJob(key, str(path), sha, list(request.tasks), hash_error=hash_error))
+            continue
+        results = dict(previous.get("results") or {})
+        asked = dict(previous.get("requests") or {})
+        size = (previous["width"], previous["height"]) if "width" in previous and "height" in previous else None
+        if previous.get("error") and previous.get("error_cause") == "image" and not retry_errors:
+            summary.skipped_failed.append(key)
+            continue
+        stale = [t for t in request.tasks if t in results and asked.get(t) != request.key(t)]
+        missing = [t for t in request.tasks if t not in results or t in stale]
+        if stale:
+            summary.updated.append(key)
+        if previous.get("error"):
+            summary.retried.append(key)
+            missing = list(request.tasks) if previous.get("error_cause") == "image" else missing
+        if not missing:
+            summary.skipped += 1
+            continue
+        keep = {t: a for t, a in results.items() if t not in missing}
+        jobs.append(ImageJob(key, str(path), sha, missing, keep, {t: asked[t] for t in keep if t in asked}, size))
+    return jobs
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -189,173 +619,102 @@ def _task_file_name(task: str) -> str:
     return task.strip("<>").lower()
 
 
-def _run_batch(model: Any, processor: Any, pictures: list[Any], task: str, text: Any, scores: bool,
-               generate_kwargs: dict[str, Any]) -> list[Any]:  # fmt: skip
+def _run_batch(model: Any, processor: Any, pictures: list[Any], task: str, request: BatchRequest) -> list[Any]:
     from helpers.scores import SCORED_TASKS, run_tasks_batch_with_scores
-    from helpers.tasks import run_tasks_batch
+    from helpers.tasks import TASKS, run_tasks_batch
 
-    if scores and task in SCORED_TASKS:
-        outputs = run_tasks_batch_with_scores(model, processor, pictures, task, text, **generate_kwargs)
+    text = request.text_input if TASKS[task].needs_text else None
+    if request.scores and task in SCORED_TASKS:
+        outputs = run_tasks_batch_with_scores(model, processor, pictures, task, text, **request.generate_kwargs)
     else:
-        outputs = run_tasks_batch(model, processor, pictures, task, text, **generate_kwargs)
+        outputs = run_tasks_batch(model, processor, pictures, task, text, **request.generate_kwargs)
     return [output[task] for output in outputs]
 
 
-def _answer(jobs: list[ImageJob], model: Any, processor: Any, task: str, text: Any, scores: bool,
-            generate_kwargs: dict[str, Any]) -> None:  # fmt: skip
-    """Answer ``task`` for ``jobs`` in one batch; if the batch fails, one image at a time to find the culprit."""
-    try:
-        answers = _run_batch(model, processor, [j.picture for j in jobs], task, text, scores, generate_kwargs)
-    except Exception:
-        if len(jobs) == 1:
-            raise
-        for job in jobs:
-            try:
-                job.results[task] = _run_batch(model, processor, [job.picture], task, text, scores, generate_kwargs)[0]
-            except Exception as error:  # noqa: BLE001 - one bad image must not stop the run
-                job.errors.append(f"{task}: {type(error).__name__}: {error}")
-        return
-    for job, answer in zip(jobs, answers):
-        job.results[task] = answer
-
-
-def append_records(handle: Any, records: Iterable[dict[str, Any]]) -> None:
-    """Append one JSONL line per record to the open results file and force them to disk (an interrupted run then
-    loses at most the records not yet appended)."""
-    for record in records:
-        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    handle.flush()
-    os.fsync(handle.fileno())
-
-
-def _ends_with_newline(path: Path) -> bool:
-    if not path.exists() or path.stat().st_size == 0:
-        return True
-    with path.open("rb") as handle:
-        handle.seek(-1, os.SEEK_END)
-        return handle.read(1) == b"\n"
-
-
-@contextmanager
-def open_results(results_path: Path) -> Iterator[TextIO]:
-    """The results JSONL opened for appending, after ending a line an interrupted run left half-written."""
-    needs_newline = not _ends_with_newline(results_path)
-    with results_path.open("a", encoding="utf-8") as handle:
-        if needs_newline:
-            handle.write("\n")  # the previous run stopped in the middle of a line
-        yield handle
-
-
-def write_run_summary(output_dir: Path, facts: dict[str, Any]) -> Path:
-    """``output_dir/summary.json``: what the last run did (engine, workers, images/second, the model that ran)."""
-    path = Path(output_dir) / SUMMARY_FILE
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(facts, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    partial.replace(path)
-    return path
-
-
-def write_coco(results_path: Path, coco_path: Path) -> None:
-    """``coco.json`` from every record of the results JSONL (:func:`helpers.export.to_coco`), written atomically."""
-    from helpers.export import to_coco
-
-    records, _ = read_results(results_path)
-    dataset = to_coco(sorted(records.values(), key=lambda r: r["file"]))
-    partial = coco_path.with_name(coco_path.name + ".partial")
-    partial.write_text(json.dumps(dataset, ensure_ascii=False), encoding="utf-8")
-    partial.replace(coco_path)
-
-
-def check_request(tasks: Sequence[str] | str, text_input: str | None, batch_size: int) -> list[str]:
-    """The task tokens of a request, checked before the first image (a missing text input, a bad batch size)."""
-    from helpers.tasks import TASKS, build_prompt, resolve_task
-
-    if isinstance(tasks, str):
-        tasks = [tasks]
-    tokens = list(dict.fromkeys(resolve_task(task) for task in tasks))
-    if not tokens:
-        raise ValueError('Give at least one task, e.g. --task "<OD>".')
-    for token in tokens:  # fail before the first image, not at it
-        build_prompt(token, text_input if TASKS[token].needs_text else None, image_size=(1000, 1000))
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    return tokens
-
-
 @dataclass
-class JobPlan:
-    """What a run still has to do: ``jobs`` (images or tasks missing from ``results``), ``skipped`` images already
-    done, and the unreadable lines found in the results file."""
-
-    results: Path
-    jobs: list[ImageJob]
-    skipped: int
-    unreadable_lines: int
+class _Work:
+    job: ImageJob
+    picture: Any = None
+    results: dict[str, Any] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    cause: str = "request"
 
 
-def plan_jobs(
-    source: str | Path, tokens: Sequence[str], output_dir: str | Path, *, retry_errors: bool = False,
-    recursive: bool = False,
-) -> JobPlan:  # fmt: skip
-    """Compare the images of ``source`` with ``output_dir/results.jsonl``: every image without a line, or missing
-    some of ``tokens``, becomes a job (failed images only with ``retry_errors``). Creates ``output_dir``."""
-    root, files = find_images(source, recursive=recursive)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / RESULTS_FILE
-    done, bad_lines = read_results(results_path)
-    jobs: list[ImageJob] = []
-    skipped = 0
-    for path in files:
-        key = _key(path, root)
-        previous = done.get(key)
-        if previous is None or (previous.get("error") and retry_errors):
-            jobs.append(ImageJob(key, path, list(tokens), {}))
-            continue
-        missing = [t for t in tokens if t not in (previous.get("results") or {})]
-        if previous.get("error") or not missing:
-            skipped += 1
-        else:
-            size = (previous["width"], previous["height"]) if "width" in previous and "height" in previous else None
-            jobs.append(ImageJob(key, path, missing, dict(previous.get("results") or {}), size))
-    return JobPlan(results_path, jobs, skipped, bad_lines)
+def _answer_task(work: list[_Work], model: Any, processor: Any, task: str, request: BatchRequest) -> None:
+    """Answer ``task`` for ``work`` in one batch; if the batch fails, one image at a time to find the culprit."""
+    try:
+        answers = _run_batch(model, processor, [w.picture for w in work], task, request)
+    except Exception as batch_error:  # noqa: BLE001 - one bad image must not stop the run
+        if len(work) == 1:
+            work[0].errors.append(f"{task}: {type(batch_error).__name__}: {batch_error}")
+            return
+        for item in work:
+            _answer_task([item], model, processor, task, request)
+        return
+    for item, answer in zip(work, answers):
+        item.results[task] = answer
 
 
 def answer_chunk(
-    model: Any, processor: Any, jobs: Sequence[ImageJob], tokens: Sequence[str], *, text_input: str | None = None,
-    scores: bool = True, **generate_kwargs: Any,
-) -> None:  # fmt: skip
-    """Load the pictures of ``jobs`` and answer each of ``tokens`` they still miss in one ``generate`` batch per
-    task; a failing image gets an error in ``job.errors`` and the others go on. Both engines run this (one process
-    here, one Ray actor per chunk in :mod:`helpers.ray_engine`)."""
-    from helpers.tasks import TASKS, load_image
+    model: Any, processor: Any, jobs: Sequence[ImageJob], request: BatchRequest, *, drawings: Path | None = None
+) -> list[dict[str, Any]]:
+    """Answer ``jobs`` (a few images: one ``generate`` call per task) and return one record per image, ready for
+    :func:`append_records`. A file that cannot be read gets ``error_cause: "image"``; a failed answer
+    ``"request"``. ``drawings`` saves a drawing of every new answer there."""
+    from helpers.tasks import load_image
 
-    for job in jobs:
-        try:
-            job.picture = load_image(job.path)
-        except Exception as error:  # noqa: BLE001 - unreadable files are reported, not fatal
-            job.errors.append(f"{type(error).__name__}: {error}")
-    for token in tokens:
-        ready = [job for job in jobs if job.picture is not None and token in job.tasks]
-        if not ready:
+    work = [_Work(job) for job in jobs]
+    for item in work:
+        if item.job.hash_error:
+            item.errors.append(item.job.hash_error)
+            item.cause = "image"
             continue
-        text = text_input if TASKS[token].needs_text else None
         try:
-            _answer(ready, model, processor, token, text, scores, generate_kwargs)
-        except Exception as error:  # noqa: BLE001
-            ready[0].errors.append(f"{token}: {type(error).__name__}: {error}")
+            item.picture = load_image(item.job.path)
+        except Exception as error:  # noqa: BLE001 - unreadable files are reported, not fatal
+            item.errors.append(f"{type(error).__name__}: {error}")
+            item.cause = "image"
+    for task in request.tasks:
+        ready = [item for item in work if item.picture is not None and task in item.job.tasks]
+        if ready:
+            _answer_task(ready, model, processor, task, request)
+    records = []
+    for item in work:
+        if drawings is not None and item.picture is not None:
+            item.errors += draw_record(item.picture, item.job.key, item.results, drawings)
+        records.append(_record(item, request))
+        item.picture = None  # free the pixels
+    return records
 
 
-def job_record(job: ImageJob) -> dict[str, Any]:
-    """The JSONL line of an answered job: its earlier answers merged with the new ones, and its errors."""
-    record: dict[str, Any] = {"file": job.key}
-    size = job.picture.size if job.picture is not None else job.size
+def _record(item: _Work, request: BatchRequest) -> dict[str, Any]:
+    job = item.job
+    record: dict[str, Any] = {"file": job.key, "sha256": job.sha256}
+    size = item.picture.size if item.picture is not None else job.size
     if size is not None:
         record["width"], record["height"] = size
-    record["results"] = {**job.previous, **job.results}
-    if job.errors:
-        record["error"] = "; ".join(job.errors)
+    record["results"] = {**job.previous, **item.results}
+    record["requests"] = {**job.previous_requests, **{task: request.key(task) for task in item.results}}
+    if item.errors:
+        record["error"] = "; ".join(item.errors)
+        record["error_cause"] = item.cause
     return record
+
+
+def draw_record(picture: Any, key: str, results: dict[str, Any], folder: Path) -> list[str]:
+    """Save ``folder/<key>.<task>.png`` for every answer in ``results``; returns the errors (a failed drawing never
+    loses its answer)."""
+    from helpers.plotting import draw_answer
+
+    errors = []
+    for task, answer in results.items():
+        target = Path(folder) / f"{key}.{_task_file_name(task)}.png"
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            draw_answer(picture, task, answer).save(target)
+        except Exception as error:  # noqa: BLE001 - the answer is saved even if its drawing is not
+            errors.append(f"drawing {task}: {type(error).__name__}: {error}")
+    return errors
 
 
 def process_images(
@@ -371,6 +730,7 @@ def process_images(
     coco: bool = False,
     draw: bool = False,
     retry_errors: bool = False,
+    update: bool = False,
     recursive: bool = False,
     progress: bool = True,
     **generate_kwargs: Any,
@@ -378,56 +738,42 @@ def process_images(
     """Run ``tasks`` on every image of a folder or glob, ``batch_size`` images per ``generate`` call, appending one
     JSONL line per image to ``output_dir/results.jsonl``. Taught in the README ("Use it in your own project").
 
-    Resumes: images already in the JSONL are skipped (failed ones too, unless ``retry_errors``); an image missing
-    some of ``tasks`` runs only those and gets a new line with all its answers. ``text_input`` goes to the tasks
-    that need one. ``scores`` adds :mod:`helpers.scores` confidences to box/polygon/OCR answers; ``coco`` writes
-    ``coco.json``; ``draw`` saves drawings. ``generate_kwargs`` (``max_new_tokens``, ``num_beams`` …) go to
-    ``generate``. A failing image is recorded with ``"error"`` and the run continues.
+    Resumes as the module docstring says: a rerun answers exactly what is missing or different. An output folder
+    written for other images or settings raises :class:`RequestMismatchError` naming the differences (``update``
+    answers those images again instead); a folder another run is writing raises :class:`BatchLockedError`.
+    ``text_input`` goes to the tasks that need one. ``scores`` adds :mod:`helpers.scores` confidences to
+    box/polygon/OCR answers; ``coco`` writes ``coco.json``; ``draw`` saves drawings. ``generate_kwargs``
+    (``max_new_tokens``, ``num_beams`` …) go to ``generate`` and are checked before the first image.
     """
     from tqdm.auto import tqdm
 
-    tokens = check_request(tasks, text_input, batch_size)
-    plan = plan_jobs(source, tokens, output_dir, retry_errors=retry_errors, recursive=recursive)
-    results_path, jobs = plan.results, plan.jobs
-    summary = BatchSummary(skipped=plan.skipped, unreadable_lines=plan.unreadable_lines, results=results_path)
-
-    drawings = results_path.parent / DRAWINGS_DIR
-    if draw:
-        summary.drawings = drawings
-    with open_results(results_path) as handle, tqdm(
-        total=len(jobs), unit="image", disable=not progress or not jobs, desc="Florence-2"
-    ) as bar:
-        for batch in _chunks(jobs, batch_size):
-            answer_chunk(model, processor, batch, tokens, text_input=text_input, scores=scores, **generate_kwargs)
-            records = []
-            for job in batch:
-                if draw and job.picture is not None:
-                    draw_job(job, drawings)
-                records.append(job_record(job))
-                if job.errors:
-                    summary.failed.append(job.key)
-                else:
-                    summary.processed += 1
-                job.picture = None  # free the pixels
-            append_records(handle, records)
-            bar.update(len(batch))
-    if coco:
-        summary.coco = results_path.parent / COCO_FILE
-        write_coco(results_path, summary.coco)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    request = make_request(model, tasks, text_input=text_input, scores=scores, **generate_kwargs)
+    root, files = find_images(source, recursive=recursive)
+    out = Path(output_dir)
+    results_path = out / RESULTS_FILE
+    with output_lock(out):
+        check_output_folder(out, root, request, update=update)
+        summary = BatchSummary(results=results_path, repaired=repair_results(results_path))
+        records, summary.unreadable_lines = read_results(results_path)
+        jobs = plan_batch(root, files, records, request, summary, retry_errors=retry_errors)
+        if draw:
+            summary.drawings = out / DRAWINGS_DIR
+        with tqdm(total=len(jobs), unit="image", disable=not progress or not jobs, desc="Florence-2") as bar:
+            for chunk in _chunks(jobs, batch_size):
+                new = answer_chunk(model, processor, chunk, request, drawings=summary.drawings)
+                append_records(results_path, new)
+                for record in new:
+                    if record.get("error"):
+                        summary.failed.append(record["file"])
+                    else:
+                        summary.processed += 1
+                bar.update(len(chunk))
+        if coco:
+            summary.coco = out / COCO_FILE
+            write_coco(results_path, summary.coco)
     return summary
-
-
-def draw_job(job: ImageJob, folder: Path) -> None:
-    """Save ``folder/<file>.<task>.png`` for every new answer of ``job``; a drawing that fails becomes an error."""
-    from helpers.plotting import draw_answer
-
-    for task, answer in job.results.items():
-        target = folder / f"{job.key}.{_task_file_name(task)}.png"
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            draw_answer(job.picture, task, answer).save(target)
-        except Exception as error:  # noqa: BLE001 - the answer is saved even if its drawing is not
-            job.errors.append(f"drawing {task}: {type(error).__name__}: {error}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -485,7 +831,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--coco", action="store_true", help="also write coco.json (box, polygon and OCR tasks)")
     parser.add_argument("--draw", action="store_true", help="also save a drawing of every answer")
     parser.add_argument("--no-scores", action="store_true", help="skip confidence scores")
-    parser.add_argument("--retry-errors", action="store_true", help="run again the images that failed before")
+    parser.add_argument("--retry-errors", action="store_true",
+                        help="try again the images whose file could not be read before")  # fmt: skip
+    parser.add_argument("--update", action="store_true",
+                        help="the output folder holds answers to other settings: answer those images again")  # fmt: skip
     parser.add_argument("--recursive", action="store_true", help="include images in sub-folders of a folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--engine", choices=("local", "ray"), default="local",
@@ -499,7 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_local(args: argparse.Namespace, tasks: list[str], options: dict[str, Any]) -> BatchSummary:
-    """The one-process engine, timed, with ``summary.json`` beside the results."""
+    """The one-process engine, timed (model loading apart), with ``summary.json`` beside the results."""
     import time
 
     from helpers.models import load_model
@@ -525,34 +874,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:
         print("error: --out saves one drawing; for a folder use --output-dir DIR --draw.", file=sys.stderr)
         return 2
+    from helpers.tasks import check_generate_kwargs
+
     generate_kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
     if args.num_beams is not None:
         generate_kwargs["num_beams"] = args.num_beams
     tasks = args.task or ["<CAPTION>"]
-    common = dict(text_input=args.text, batch_size=args.batch_size, scores=not args.no_scores, coco=args.coco,
-                  draw=args.draw, retry_errors=args.retry_errors, recursive=args.recursive, progress=not args.quiet,
-                  **generate_kwargs)  # fmt: skip
+    options = dict(text_input=args.text, batch_size=args.batch_size, scores=not args.no_scores, coco=args.coco,
+                   draw=args.draw, retry_errors=args.retry_errors, update=args.update, recursive=args.recursive,
+                   progress=not args.quiet, **generate_kwargs)  # fmt: skip
     try:
-        find_images(args.source, recursive=args.recursive)  # report a wrong path before loading the model
+        check_generate_kwargs(None, generate_kwargs)  # a mistyped setting fails before the model loads
+        find_images(args.source, recursive=args.recursive)  # so does a wrong path
         if args.engine == "ray":
             from helpers.ray_engine import label_on_ray
 
             summary = label_on_ray(args.model, args.source, tasks, args.output_dir, workers=args.workers,
                                    ray_address=args.ray_address, weight_format=args.weight_format,
-                                   device=args.device, **common)  # fmt: skip
+                                   device=args.device, **options)  # fmt: skip
         else:
-            summary = _run_local(args, tasks, common)
+            summary = _run_local(args, tasks, options)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{summary.processed} images answered, {summary.skipped} already done, {len(summary.failed)} failed "
-          f"→ {summary.results}", file=sys.stderr)  # fmt: skip
-    if summary.unreadable_lines:
-        print(f"({summary.unreadable_lines} unreadable line(s) in {summary.results} were ignored)", file=sys.stderr)
-    for key in summary.failed:
-        print(f"  failed: {key}", file=sys.stderr)
-    if summary.coco:
-        print(f"COCO JSON: {summary.coco}", file=sys.stderr)
-    if summary.drawings:
-        print(f"drawings: {summary.drawings}/", file=sys.stderr)
+    print(describe(summary), file=sys.stderr)
     return 1 if summary.failed else 0
+
+
+def describe(summary: BatchSummary) -> str:
+    """What a run did, in words: answered (and why: changed content, new settings, retried), already done, failed,
+    skipped failures and how to retry them, repaired or unreadable lines, where the outputs are."""
+    why = [f"{len(names)} {what}" for names, what in (
+        (summary.changed, "changed since the last run"), (summary.updated, "answered again for the new settings"),
+        (summary.retried, "retried after an earlier failure"),
+    ) if names]  # fmt: skip
+    reasons = f" ({', '.join(why)})" if why else ""
+    lines = [f"{summary.processed} images answered{reasons}, {summary.skipped} already done, "
+             f"{len(summary.failed)} failed → {summary.results}"]  # fmt: skip
+    if summary.repaired:
+        lines.append(f"(removed a half-written last line left in {summary.results} by an interrupted run)")
+    if summary.unreadable_lines:
+        lines.append(f"({summary.unreadable_lines} unreadable line(s) in {summary.results} were ignored)")
+    lines += [f"  failed: {_shown(key)}" for key in summary.failed]
+    if summary.skipped_failed:
+        lines.append(f"{len(summary.skipped_failed)} image(s) whose file could not be read before were skipped; "
+                     "rerun with --retry-errors to try them again:")  # fmt: skip
+        lines += [f"  skipped: {_shown(key)}" for key in summary.skipped_failed]
+    if summary.coco:
+        lines.append(f"COCO JSON: {summary.coco}")
+    if summary.drawings:
+        lines.append(f"drawings: {summary.drawings}/")
+    return "\n".join(lines)

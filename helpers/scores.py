@@ -47,9 +47,9 @@ from helpers.tasks import (
     TASKS,
     _cut_after_eos,
     _eos_ids,
-    _generate_kwargs,
     _prepare_inputs,
     build_prompt,
+    check_generate_kwargs,
     load_image,
     resolve_task,
 )
@@ -390,7 +390,7 @@ def run_tasks_batch_with_scores(
         if len(texts) != len(pictures):
             raise ValueError(f"Got {len(pictures)} images but {len(texts)} text inputs; give one per image.")
     prompts = [build_prompt(token, text, image_size=picture.size) for text, picture in zip(texts, pictures)]
-    kwargs = _generate_kwargs(model, generate_kwargs)
+    kwargs = check_generate_kwargs(model, generate_kwargs)
     inputs = _prepare_inputs(model, processor(text=prompts, images=pictures, return_tensors="pt", padding=True))
     output = _generate_with_scores(model, inputs, kwargs)
     log_probs = token_log_probs(output)

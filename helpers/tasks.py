@@ -43,6 +43,7 @@ __all__ = [
     "TaskSpec",
     "box_to_loc",
     "build_prompt",
+    "check_generate_kwargs",
     "format_region",
     "load_image",
     "loc_to_box",
@@ -506,9 +507,27 @@ def _text_positions(model: Any) -> int | None:
     return limit if isinstance(limit, int) else None
 
 
-def _generate_kwargs(model: Any, generate_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Validate the user's kwargs; everything not given (num_beams, ...) comes from the model's generation config."""
+def _check_count(name: str, value: Any, minimum: int) -> None:
+    """``num_beams``/``min_new_tokens``-style settings: a whole number of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be a whole number, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}.")
+
+
+def check_generate_kwargs(model: Any, generate_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Validate the generation arguments a user gave (``max_new_tokens`` 1..4096 and within the model's positions,
+    ``num_beams`` >= 1, ``min_new_tokens`` >= 0 and <= ``max_new_tokens``) and return them, with the default
+    ``max_new_tokens`` filled in when the model's generation config has none; everything not given (``num_beams``
+    …) comes from that config. :mod:`helpers.batch` calls it before the first image."""
     kwargs = dict(generate_kwargs)
+    for name, minimum in (("num_beams", 1), ("num_return_sequences", 1), ("min_new_tokens", 0)):
+        if kwargs.get(name) is not None:
+            _check_count(name, kwargs[name], minimum)
+    if kwargs.get("min_new_tokens") is not None and isinstance(kwargs.get("max_new_tokens"), int):
+        if kwargs["min_new_tokens"] > kwargs["max_new_tokens"]:
+            raise ValueError(f"min_new_tokens={kwargs['min_new_tokens']} is more than max_new_tokens="
+                             f"{kwargs['max_new_tokens']}; lower it or raise max_new_tokens.")  # fmt: skip
     positions = _text_positions(model)
     if "max_new_tokens" not in kwargs:
         config = getattr(model, "generation_config", None)
@@ -605,7 +624,7 @@ def run_task(
     token = resolve_task(task)
     picture = load_image(image)
     prompt = build_prompt(token, text_input, image_size=picture.size)
-    kwargs = _generate_kwargs(model, generate_kwargs)
+    kwargs = check_generate_kwargs(model, generate_kwargs)
     inputs = _prepare_inputs(model, processor(text=prompt, images=picture, return_tensors=_tensor_type(model)))
     ids = _sequences(model.generate(**inputs, **kwargs))
     text = processor.batch_decode(ids, skip_special_tokens=False)[0]
@@ -640,7 +659,7 @@ def run_tasks_batch(
                 "(or a single string for all)."
             )
     prompts = [build_prompt(token, text, image_size=pic.size) for text, pic in zip(texts, pictures)]
-    kwargs = _generate_kwargs(model, generate_kwargs)
+    kwargs = check_generate_kwargs(model, generate_kwargs)
     inputs = _prepare_inputs(
         model, processor(text=prompts, images=pictures, return_tensors=_tensor_type(model), padding=True)
     )

@@ -67,33 +67,35 @@ def test_folder_gives_jsonl_coco_and_drawings(folder, tmp_path, tiny_torch_model
     before = (out / "results.jsonl").read_bytes()
     again = process_images(tiny_torch_model, tiny_processor, folder, ["<OD>", "<CAPTION>"], out, coco=True,
                            progress=False, **FAST)  # fmt: skip
-    assert (again.processed, again.skipped, again.failed) == (0, 4, [])
+    assert (again.processed, again.skipped, again.failed, again.skipped_failed) == (0, 3, [], ["broken.jpg"])
     assert (out / "results.jsonl").read_bytes() == before  # nothing new was run or written
 
 
 def test_interrupted_run_finishes_only_the_rest(folder, tmp_path, tiny_torch_model, tiny_processor) -> None:
     out = tmp_path / "out"
-    out.mkdir()
+    process_images(tiny_torch_model, tiny_processor, folder, "<OD>", out, progress=False, **FAST)
     # What a killed run leaves: one finished line (with an answer no model would give: it must survive untouched)
     # and half of the next line.
+    records, _ = read_results(out / "results.jsonl")
     marker = {"bboxes": [[1, 2, 3, 4]], "labels": ["left from the first run"], "scores": [0.5]}
-    first = {"file": "a.png", "width": 64, "height": 48, "results": {"<OD>": marker}}
-    (out / "results.jsonl").write_text(json.dumps(first) + "\n" + '{"file": "b.jpg", "wid', encoding="utf-8")
+    first = {**records["a.png"], "results": {"<OD>": marker}}
+    torn = json.dumps(records["b.jpg"])[:20]
+    (out / "results.jsonl").write_text(json.dumps(first) + "\n" + torn, encoding="utf-8")
     summary = process_images(tiny_torch_model, tiny_processor, str(folder), "<OD>", out, batch_size=4, coco=True,
                              progress=False, **FAST)  # fmt: skip
     assert (summary.processed, summary.skipped, summary.failed) == (2, 1, ["broken.jpg"])
-    assert summary.unreadable_lines == 1
+    assert summary.repaired and summary.unreadable_lines == 0  # the torn line was removed, not kept forever
     records, bad = read_results(out / "results.jsonl")
-    assert bad == 1 and sorted(records) == sorted([*GOOD, "broken.jpg"])
+    assert bad == 0 and sorted(records) == sorted([*GOOD, "broken.jpg"])
     assert records["a.png"] == first
     assert all("<OD>" in records[n]["results"] for n in GOOD)
     coco = json.loads((out / "coco.json").read_text())
     assert "left from the first run" in {c["name"] for c in coco["categories"]}
 
-    # A new task later runs only that task, keeping the earlier answers; failed images stay skipped...
+    # A new task later runs only that task, keeping the earlier answers; unreadable images stay skipped...
     more = process_images(tiny_torch_model, tiny_processor, folder, ["<OD>", "<REGION_PROPOSAL>"], out,
                           progress=False, **FAST)  # fmt: skip
-    assert (more.processed, more.skipped) == (3, 1)
+    assert (more.processed, more.skipped, more.skipped_failed) == (3, 0, ["broken.jpg"])
     records, _ = read_results(out / "results.jsonl")
     assert records["a.png"]["results"]["<OD>"] == marker and "<REGION_PROPOSAL>" in records["a.png"]["results"]
     assert records["a.png"]["width"] == 64
@@ -152,3 +154,160 @@ def test_python_m_helpers_runs_a_glob_and_still_runs_one_image(folder, tmp_path,
 
     assert main([str(folder / "a.png"), "--task", "<OD>", *common]) == 0  # one image: JSON answer on stdout
     assert set(json.loads(capsys.readouterr().out)) == {"<OD>"}
+
+
+# ---- Resume keyed on what was asked (issue 17) -----------------------------------------------------------------
+
+
+def _same_names_other_pixels(folder: Path, target: Path) -> Path:
+    """A second "day" of photos with the same file names as ``folder`` but other pictures."""
+    target.mkdir()
+    rng = np.random.default_rng(1)
+    for name in GOOD:
+        w, h = Image.open(folder / name).size
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(target / name)
+    return target
+
+
+def test_an_output_folder_answers_one_request(folder, tmp_path, tiny_torch_model, tiny_processor) -> None:
+    from helpers.batch import RequestMismatchError
+
+    out = tmp_path / "out"
+    process_images(tiny_torch_model, tiny_processor, folder, "<OD>", out, progress=False, **FAST)
+    before = (out / "results.jsonl").read_bytes()
+    day_b = _same_names_other_pixels(folder, tmp_path / "dayB")
+    with pytest.raises(RequestMismatchError, match="images: this folder holds answers for .*images, this run reads"):
+        process_images(tiny_torch_model, tiny_processor, day_b, "<OD>", out, progress=False, **FAST)
+    with pytest.raises(RequestMismatchError, match=r"<OD>: generate was .*'max_new_tokens': 12.*'max_new_tokens': 9"):
+        process_images(tiny_torch_model, tiny_processor, folder, "<OD>", out, progress=False,
+                       **{**FAST, "max_new_tokens": 9})  # fmt: skip
+    with pytest.raises(RequestMismatchError, match="scores was True, now False"):
+        process_images(tiny_torch_model, tiny_processor, folder, "<OD>", out, scores=False, progress=False, **FAST)
+    assert (out / "results.jsonl").read_bytes() == before  # a refused run writes nothing
+
+    # --update answers again exactly the images answered with other settings, and says so.
+    updated = process_images(tiny_torch_model, tiny_processor, folder, "<OD>", out, update=True, progress=False,
+                             **{**FAST, "max_new_tokens": 9})  # fmt: skip
+    assert (updated.processed, sorted(updated.updated), updated.skipped) == (3, sorted(GOOD), 0)
+    records, _ = read_results(out / "results.jsonl")
+    single = run_task_with_scores(tiny_torch_model, tiny_processor, folder / "b.jpg", "<OD>",
+                                  **{**FAST, "max_new_tokens": 9})["<OD>"]  # fmt: skip
+    assert records["b.jpg"]["results"]["<OD>"]["bboxes"] == single["bboxes"]
+    again = process_images(tiny_torch_model, tiny_processor, folder, "<OD>", out, progress=False,
+                           **{**FAST, "max_new_tokens": 9})  # fmt: skip
+    assert (again.processed, again.skipped, again.updated) == (0, 3, [])
+
+
+def test_a_changed_image_is_answered_again(folder, tmp_path, tiny_torch_model, tiny_processor) -> None:
+    out = tmp_path / "out"
+    process_images(tiny_torch_model, tiny_processor, folder, "<CAPTION>", out, progress=False, **FAST)
+    old = read_results(out / "results.jsonl")[0]["c.png"]
+    Image.open(_same_names_other_pixels(folder, tmp_path / "other") / "c.png").save(folder / "c.png")
+    summary = process_images(tiny_torch_model, tiny_processor, folder, "<CAPTION>", out, progress=False, **FAST)
+    assert (summary.processed, summary.changed, summary.skipped) == (1, ["c.png"], 2)
+    new = read_results(out / "results.jsonl")[0]["c.png"]
+    assert new["sha256"] != old["sha256"]
+    from helpers.tasks import run_task
+
+    expected = run_task(tiny_torch_model, tiny_processor, folder / "c.png", "<CAPTION>", **FAST)
+    assert new["results"]["<CAPTION>"] == expected["<CAPTION>"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [("max_new_tokens", 0, "between 1 and"), ("max_new_tokens", -1, "between 1 and"),
+     ("max_new_tokens", 1.5, "must be an integer"), ("num_beams", 0, "at least 1"), ("num_beams", -1, "at least 1"),
+     ("num_beams", 1.5, "whole number"), ("min_new_tokens", -1, "at least 0"),
+     ("min_new_tokens", 1.5, "whole number")],
+)  # fmt: skip
+def test_settings_are_checked_before_any_image(folder, tmp_path, tiny_torch_model, tiny_processor,
+                                               setting, value, message) -> None:  # fmt: skip
+    with pytest.raises(ValueError, match=f"{setting}.*{message}|{message}.*{setting}"):
+        process_images(tiny_torch_model, tiny_processor, folder, "<OD>", tmp_path / "o", progress=False,
+                       **{**FAST, setting: value})  # fmt: skip
+    assert not (tmp_path / "o" / "results.jsonl").exists()
+
+
+def test_cli_refuses_a_mistyped_setting_and_says_how_to_retry(folder, tmp_path, capsys) -> None:
+    from helpers.batch import main
+
+    status = main([str(folder), "--max-new-tokens", "0", "--output-dir", str(tmp_path / "o"), "--quiet"])
+    assert status == 2 and "max_new_tokens must be between 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_failures_caused_by_the_request_are_retried(folder, tmp_path, tiny_torch_model, tiny_processor,
+                                                     monkeypatch, capsys) -> None:  # fmt: skip
+    from helpers.batch import describe
+
+    out = tmp_path / "out"
+    real_generate = tiny_torch_model.generate
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("not enough memory")
+
+    monkeypatch.setattr(tiny_torch_model, "generate", out_of_memory)
+    first = process_images(tiny_torch_model, tiny_processor, folder, "<OD>", out, progress=False, **FAST)
+    assert sorted(first.failed) == sorted([*GOOD, "broken.jpg"])
+    records, _ = read_results(out / "results.jsonl")
+    assert records["a.png"]["error_cause"] == "request" and records["broken.jpg"]["error_cause"] == "image"
+    monkeypatch.setattr(tiny_torch_model, "generate", real_generate)
+    second = process_images(tiny_torch_model, tiny_processor, folder, "<OD>", out, progress=False, **FAST)
+    assert (second.processed, sorted(second.retried), second.skipped_failed) == (3, sorted(GOOD), ["broken.jpg"])
+    text = describe(second)
+    assert "3 retried after an earlier failure" in text and "rerun with --retry-errors" in text
+    assert all("error" not in read_results(out / "results.jsonl")[0][name] for name in GOOD)
+
+
+def test_one_writer_per_output_folder(folder, tmp_path, tiny_torch_model, tiny_processor) -> None:
+    import subprocess
+    import sys
+
+    from helpers.batch import BatchLockedError, output_lock
+
+    out = tmp_path / "out"
+    with output_lock(out):
+        with pytest.raises(BatchLockedError, match=r"Another run \(process \d+\) is writing"):
+            process_images(tiny_torch_model, tiny_processor, folder, "<OD>", out, progress=False, **FAST)
+    assert not (out / "results.jsonl").exists()
+    # A lock left by a run that was killed (its pid is gone) is taken over.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / ".lock").write_text(dead.stdout.strip())
+    summary = process_images(tiny_torch_model, tiny_processor, folder, "<OD>", out, progress=False, **FAST)
+    assert summary.processed == 3
+
+
+# ---- Odd file names and symlink loops (issue 17) -----------------------------------------------------------------
+
+
+def test_a_name_that_is_not_utf8_never_stops_a_run(folder, tmp_path, tiny_torch_model, tiny_processor) -> None:
+    import os
+
+    from helpers.batch import describe
+
+    good_odd = os.fsdecode(bytes(folder) + b"/caf\xe9.png")  # Latin-1 bytes: not valid UTF-8
+    broken_odd = os.fsdecode(bytes(folder) + b"/bad\xff.jpg")
+    Image.new("RGB", (20, 30), "red").save(good_odd)
+    Path(broken_odd).write_bytes(b"not an image")
+    out = tmp_path / "out"
+    summary = process_images(tiny_torch_model, tiny_processor, folder, "<OD>", out, coco=True, progress=False,
+                             **FAST)  # fmt: skip
+    assert summary.processed == 4 and sorted(summary.failed) == sorted(["broken.jpg", Path(broken_odd).name])
+    (out / "results.jsonl").read_bytes().decode("utf-8")  # still valid UTF-8 for every other reader
+    records, bad = read_results(out / "results.jsonl")
+    assert bad == 0 and records[Path(good_odd).name]["results"]["<OD>"] is not None
+    assert "bad\\xff.jpg" in describe(summary)  # named in its error line, printably
+    again = process_images(tiny_torch_model, tiny_processor, folder, "<OD>", out, progress=False, **FAST)
+    assert (again.processed, again.skipped) == (0, 4)  # the odd names resume like any other
+
+
+def test_symlink_loops_are_followed_once(folder) -> None:
+    (folder / "sub").mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "sub" / "d.png")
+    (folder / "sub" / "up").symlink_to(folder, target_is_directory=True)
+    (folder / "loop").symlink_to(folder / "sub", target_is_directory=True)
+    names = ["a.png", "c.png", "sub/d.png"]
+    root, files = find_images(f"{folder}/**/*.png")
+    assert sorted(f.relative_to(root).as_posix() for f in files) == names
+    root, files = find_images(folder, recursive=True)
+    assert len(files) == len({f.resolve() for f in files}) == 5

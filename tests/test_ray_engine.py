@@ -67,8 +67,8 @@ def test_ray_gives_the_one_process_answers_and_records_a_corrupt_image(cluster, 
     assert "error" in {r["file"]: r for r in records}["broken.png"]
     for record in records:
         want = expected[record["file"]]
-        assert (record.get("width"), record.get("height"), "error" in record) == (want.get("width"),
-                                                                                   want.get("height"), "error" in want)
+        for field in ("sha256", "width", "height", "requests", "error_cause"):  # same image, same request keys
+            assert record.get(field) == want.get(field), (record["file"], field)
         if "error" in record:
             continue
         assert record["results"]["<CAPTION>"] == want["results"]["<CAPTION>"]
@@ -87,7 +87,7 @@ def test_ray_gives_the_one_process_answers_and_records_a_corrupt_image(cluster, 
     assert facts["images_per_second"] > 0 and facts["images_missing"] == 0
 
     again = label_on_ray(MODEL, folder, ["<OD>", "<CAPTION>"], tmp_path / "ray", workers=2, progress=False, **FAST)
-    assert (again.processed, again.skipped) == (0, 7)  # nothing left: no actor is even started
+    assert (again.processed, again.skipped, again.skipped_failed) == (0, 6, ["broken.png"])  # no actor even started
     assert len(lines(tmp_path / "ray" / "results.jsonl")) == 7
 
 
@@ -99,14 +99,15 @@ def test_killed_driver_resumes_without_losing_or_repeating_an_image(cluster, tmp
                "--engine", "ray", "--workers", "2", "--ray-address", cluster, "--batch-size", "1", "--model", MODEL,
                "--device", "CPU", "--max-new-tokens", "40", "--quiet"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    log = tmp_path / "driver.log"
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=log.open("w"))
     results = out / "results.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and driver.poll() is None:
         if results.exists() and len(results.read_text().splitlines()) >= 2:
             break
         time.sleep(0.05)
-    assert driver.poll() is None, "the run ended before it could be killed"
+    assert driver.poll() is None, f"the run ended before it could be killed:\n{log.read_text()[-3000:]}"
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     before, _ = read_results(results)

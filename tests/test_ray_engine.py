@@ -88,6 +88,10 @@ def test_ray_gives_the_one_process_answers_and_records_a_corrupt_image(cluster, 
 
     again = label_on_ray(MODEL, folder, ["<OD>", "<CAPTION>"], tmp_path / "ray", workers=2, progress=False, **FAST)
     assert (again.processed, again.skipped, again.skipped_failed) == (0, 6, ["broken.png"])  # no actor even started
+    # The engines share one output folder: the same request, so the one-process engine finds nothing left to do.
+    local_again = process_images(model, processor, folder, ["<OD>", "<CAPTION>"], tmp_path / "ray", batch_size=3,
+                                 progress=False, **FAST)  # fmt: skip
+    assert (local_again.processed, local_again.skipped) == (0, 6)
     assert len(lines(tmp_path / "ray" / "results.jsonl")) == 7
 
 

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--num-beams", type=int, default=None, help="default: the model's generation config (3)")
     parser.add_argument("--out", type=Path, default=None, help="save the drawn answer to this PNG/JPEG")
+    parser.add_argument("--reconvert", action="store_true",
+                        help="convert the model again over its cached conversion (repairs a damaged one)")  # fmt: skip
     return parser
 
 
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         image = load_image(args.image)
-        model, processor = load_model(args.model, args.weight_format, args.device)
+        model, processor = load_model(args.model, args.weight_format, args.device, reconvert=args.reconvert)
         generate_kwargs = {"max_new_tokens": args.max_new_tokens}
         if args.num_beams is not None:
             generate_kwargs["num_beams"] = args.num_beams

@@ -319,16 +319,6 @@ def write_run_summary(output_dir: str | Path, facts: dict[str, Any]) -> Path:
     return path
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def output_lock(output_dir: str | Path) -> Iterator[Path]:
     """Hold ``output_dir/.lock`` while a run writes the folder: a second run gets :class:`BatchLockedError` naming
@@ -365,6 +355,8 @@ def output_lock(output_dir: str | Path) -> Iterator[Path]:
 
 
 def _pid_file_lock(path: Path) -> Iterator[Path]:
+    from helpers.conversion import pid_alive
+
     for _ in range(2):
         try:
             descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -373,7 +365,7 @@ def _pid_file_lock(path: Path) -> Iterator[Path]:
                 holder = int(path.read_text().strip() or 0)
             except (OSError, ValueError):
                 holder = 0
-            if holder and _pid_alive(holder):
+            if holder and pid_alive(holder):
                 raise BatchLockedError(
                     f"Another run (process {holder}) is writing {path.parent}. Wait for it to finish, or choose "
                     "another --output-dir."
@@ -837,6 +829,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the output folder holds answers to other settings: answer those images again")  # fmt: skip
     parser.add_argument("--recursive", action="store_true", help="include images in sub-folders of a folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--reconvert", action="store_true",
+                        help="convert the model again over its cached conversion (repairs a damaged one)")  # fmt: skip
     parser.add_argument("--engine", choices=("local", "ray"), default="local",
                         help="local: one process (default); ray: Ray Data actors, see helpers/ray_engine.py")  # fmt: skip
     parser.add_argument("--workers", type=int, default=2, help="--engine ray: model-holding actors (default: 2)")
@@ -853,7 +847,7 @@ def _run_local(args: argparse.Namespace, tasks: list[str], options: dict[str, An
 
     from helpers.models import load_model
 
-    model, processor = load_model(args.model, args.weight_format, args.device)
+    model, processor = load_model(args.model, args.weight_format, args.device, reconvert=args.reconvert)
     started = time.perf_counter()
     summary = process_images(model, processor, args.source, tasks, args.output_dir, **options)
     seconds = time.perf_counter() - started
@@ -891,7 +885,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             summary = label_on_ray(args.model, args.source, tasks, args.output_dir, workers=args.workers,
                                    ray_address=args.ray_address, weight_format=args.weight_format,
-                                   device=args.device, **options)  # fmt: skip
+                                   device=args.device, reconvert=args.reconvert, **options)  # fmt: skip
         else:
             summary = _run_local(args, tasks, options)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as error:

@@ -622,19 +622,28 @@ def write_manifest(folder: Path, source: str, weight_format: str) -> dict:
         "files": files,
     }
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    _remember_verified(folder, sorted(files))  # just hashed: the first load need not hash again
     return manifest
 
 
-def read_manifest(folder: str | Path) -> dict:
+def reconvert_hint(folder: str | Path, manifest: dict | None = None) -> str:
+    """The command that repairs a damaged conversion folder: converting its source again over it."""
+    source = (manifest or {}).get("source") or "MODEL"
+    weight_format = (manifest or {}).get("weight_format") or "fp16"
+    return f"Convert again with `convert_florence2({source!r}, {str(folder)!r}, {weight_format!r}, overwrite=True)`."
+
+
+def read_manifest(folder: str | Path, *, fix: str | None = None) -> dict:
+    """The manifest of a conversion folder; ``IncompleteConversionError`` (ending with ``fix``, default
+    :func:`reconvert_hint`) when it is missing or corrupt."""
     path = Path(folder) / MANIFEST_NAME
+    fix = fix or reconvert_hint(folder)
     if not path.exists():
         raise IncompleteConversionError(
-            f"{folder} has no {MANIFEST_NAME}: it is not a finished conversion (it may have been interrupted). "
-            "Convert again with `convert_florence2(model, folder, overwrite=True)`."
+            f"{folder} has no {MANIFEST_NAME}: it is not a finished conversion (it may have been interrupted). {fix}"
         )
-    fix = "Convert again with `convert_florence2(model, folder, overwrite=True)`."
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise IncompleteConversionError(f"{path} is corrupt ({error}). {fix}") from error
     files = manifest.get("files") if isinstance(manifest, dict) else None
@@ -646,14 +655,47 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
-def verify_conversion(folder: str | Path, *, check_hashes: bool = True) -> dict:
+#: Written into a conversion folder once its files matched the manifest's hashes: each file's size and change time
+#: then, so later loads skip hashing until a file changes (see :func:`verify_conversion` with ``check_hashes="once"``).
+VERIFIED_STAMP = ".verified.json"
+
+
+def _file_stamps(folder: Path, names: list[str]) -> dict[str, list[int]]:
+    stamps = {}
+    for name in [*names, MANIFEST_NAME]:
+        info = (folder / name).stat()
+        stamps[name] = [info.st_size, info.st_mtime_ns, info.st_ino]
+    return stamps
+
+
+def _verified_before(folder: Path, names: list[str]) -> bool:
+    try:
+        return json.loads((folder / VERIFIED_STAMP).read_text(encoding="utf-8")) == _file_stamps(folder, names)
+    except (OSError, ValueError):
+        return False
+
+
+def _remember_verified(folder: Path, names: list[str]) -> None:
+    partial = folder / f"{VERIFIED_STAMP}.{os.getpid()}"
+    try:
+        partial.write_text(json.dumps(_file_stamps(folder, names)), encoding="utf-8")
+        partial.replace(folder / VERIFIED_STAMP)
+    except OSError:  # a read-only folder (a shared kit): hashes are checked at every load instead
+        with contextlib.suppress(OSError):
+            partial.unlink()
+
+
+def verify_conversion(folder: str | Path, *, check_hashes: bool | str = True, fix: str | None = None) -> dict:
     """Check that ``folder`` is a complete conversion in this layout version; return its manifest.
 
-    Sizes are always compared; hashes too unless ``check_hashes=False`` (hashing a large model takes seconds).
+    Sizes are always compared; hashes too when ``check_hashes`` is True, or with ``"once"`` when a file changed since
+    the last successful check (``.verified.json`` remembers each file's size and change time: loading stays fast,
+    yet a flipped byte or a file replaced by a same-size one is caught). ``fix`` ends every error message (default:
+    the :func:`convert_florence2` command that repairs the folder).
     """
     folder = Path(folder)
-    manifest = read_manifest(folder)
-    fix = "Convert again with `convert_florence2(model, folder, overwrite=True)`."
+    manifest = read_manifest(folder, fix=fix)
+    fix = fix or reconvert_hint(folder, manifest)
     if manifest.get("layout_version") != LAYOUT_VERSION:
         raise IncompleteConversionError(
             f"{folder} was converted with IR layout version {manifest.get('layout_version')}, this code reads "
@@ -672,8 +714,17 @@ def verify_conversion(folder: str | Path, *, check_hashes: bool = True) -> dict:
                 f"{path} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}: it is truncated "
                 f"or was changed. {fix}"
             )
-        if check_hashes and _sha256(path) != expected["sha256"]:
-            raise IncompleteConversionError(f"{path} does not match its recorded hash (corrupt file). {fix}")
+    names = sorted(manifest["files"])
+    if check_hashes == "once" and _verified_before(folder, names):
+        return manifest
+    if check_hashes:
+        for name in names:
+            if _sha256(folder / name) != manifest["files"][name]["sha256"]:
+                raise IncompleteConversionError(
+                    f"{folder / name} does not match its recorded hash (corrupt or changed file). {fix}"
+                )
+        if check_hashes == "once":
+            _remember_verified(folder, names)
     return manifest
 
 
@@ -755,6 +806,8 @@ def convert_florence2(
         raise ConversionError(f"{output_dir} is a file, not a folder. Choose a folder path for the converted model.")
     if _is_local(model_id_or_path):
         _check_not_source(output_dir, Path(model_id_or_path).expanduser().resolve())
+    if output_dir.parent.is_dir():
+        remove_stale_staging(output_dir)  # also when the output is already complete: killed reruns leave them too
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         if is_converted(output_dir, source, weight_format):
             if verbose:
@@ -770,7 +823,6 @@ def convert_florence2(
     if output_dir.exists():
         _check_replaceable(output_dir)
     _check_writable(output_dir, _estimate_bytes(folder, weight_format))
-    _remove_stale_staging(output_dir)
     # The pid in the name lets a later run tell a folder left by a killed conversion from one still being written.
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-{os.getpid()}-", dir=output_dir.parent))
     _make_shareable(staging)  # mkdtemp makes 0700 folders; a shared kit or cache must be readable
@@ -816,7 +868,8 @@ def _check_replaceable(output_dir: Path) -> None:
         )
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (POSIX); what tells a killed run's leftovers from a running one's."""
     try:
         os.kill(pid, 0)  # signal 0: existence check only (POSIX)
     except ProcessLookupError:
@@ -826,15 +879,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale_staging(output_dir: Path) -> None:
-    """Delete folders that killed conversions left beside ``output_dir`` (``.name.partial-PID-*``,
+def remove_stale_staging(output_dir: Path) -> None:
+    """Delete folders that killed conversions or model builds left beside ``output_dir`` (``.name.partial-PID-*``,
     ``.name.old-PID``) once their process is gone, so interrupted runs do not pile up gigabytes."""
     if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
         return
     pattern = re.compile(rf"\.{re.escape(output_dir.name)}\.(?:partial|old)-(\d+)(?:-.*)?")
     for entry in output_dir.parent.iterdir():
         match = pattern.fullmatch(entry.name)
-        if match and entry.is_dir() and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+        if match and entry.is_dir() and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -890,7 +943,10 @@ __all__ = [
     "convert_florence2",
     "is_converted",
     "verify_conversion",
+    "pid_alive",
     "read_manifest",
+    "remove_stale_staging",
+    "reconvert_hint",
     "ir_size_bytes",
     "image_size_of",
 ]

@@ -97,7 +97,9 @@ def build_gradio_app(
         gr.Markdown("## Florence-2 on OpenVINO\nChoose an image and a task, then press **Run**.")
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"])
+                # A file path, not a decoded picture: load_image reads the pixel count from the header and refuses
+                # a decompression bomb before decoding it (type="pil" decoded a 12000² upload first: +700 MB).
+                image = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"])
                 task = gr.Dropdown(choices=choices, value=default_task, label="Task")
                 text = gr.Textbox(label="Text (or region x1, y1, x2, y2 in pixels)", interactive=False,
                                   placeholder="This task takes no text.")  # fmt: skip

@@ -60,12 +60,15 @@ def build_kit(
 
         images = sample_path("shapes").parent
         shutil.copytree(images, kit / "images", dirs_exist_ok=True)
-    (kit / KIT_MANIFEST).write_text(json.dumps({"models": entries}, indent=2))
     (kit / "README.txt").write_text(
         "Florence-2 on OpenVINO classroom kit.\n"
         f"Use it with:  FLORENCE2_KIT={kit.name} FLORENCE2_MODEL=<model> make run   (or make lab)\n"
         "Models inside: " + ", ".join(f"{e['model']} ({e['weight_format']})" for e in entries) + "\n"
     )
+    # Written last and atomically: a kit.json means the kit is complete (a killed build never looks finished).
+    partial = kit / f"{KIT_MANIFEST}.partial"
+    partial.write_text(json.dumps({"models": entries}, indent=2))
+    partial.replace(kit / KIT_MANIFEST)
     if not archive:
         return kit
     tar_path = kit.with_suffix(".tar")

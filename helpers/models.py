@@ -89,9 +89,44 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+#: In ``models_dir()``: the SHA-256 of each source weight file hashed so far, with the size, change time and inode it
+#: had then, so a folder's content hash is computed once, not at every load (a 3 GB checkpoint takes ~5 s to hash).
+CONTENT_HASHES_FILE = ".content-hashes.json"
+
+
+def _file_digest(path: Path) -> str:
+    """SHA-256 of a weight file, remembered in :data:`CONTENT_HASHES_FILE` while its size/mtime/inode are unchanged."""
+    import hashlib
+    import json
+
+    info = path.stat()
+    key, stamp = str(path.resolve()), [info.st_size, info.st_mtime_ns, info.st_ino]
+    memo_path = models_dir() / CONTENT_HASHES_FILE
+    try:
+        memo = json.loads(memo_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        memo = {}
+    entry = memo.get(key) if isinstance(memo, dict) else None
+    if isinstance(entry, dict) and entry.get("stamp") == stamp:
+        return entry["sha256"]
+    with path.open("rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    memo = memo if isinstance(memo, dict) else {}
+    memo[key] = {"stamp": stamp, "sha256": digest}
+    partial = memo_path.with_name(f"{CONTENT_HASHES_FILE}.{os.getpid()}")
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(memo), encoding="utf-8")
+        partial.replace(memo_path)
+    except OSError:  # a read-only cache: hash again next time
+        pass
+    return digest
+
+
 def _slug(model_id_or_path: str) -> str:
-    """A folder name for a model: the hub name, or a local folder's name plus a short hash of its *content*
-    (config and weight sizes), so a cache or classroom kit still matches after the folder is moved or copied."""
+    """A folder name for a model: the hub name, or a local folder's name plus a short hash of its *content* (JSON
+    files and weights), so a cache or classroom kit still matches after the folder is moved or copied, and a model
+    retrained into the same folder gets a new conversion instead of the stale one."""
     path = Path(model_id_or_path).expanduser()
     if path.is_dir():
         import hashlib
@@ -99,7 +134,7 @@ def _slug(model_id_or_path: str) -> str:
         digest = hashlib.sha1()
         for item in sorted(path.glob("*.json")) + sorted(path.glob("*.safetensors")):
             digest.update(item.name.encode())
-            digest.update(item.read_bytes() if item.suffix == ".json" else str(item.stat().st_size).encode())
+            digest.update(item.read_bytes() if item.suffix == ".json" else _file_digest(item).encode())
         return f"{path.resolve().name}-{digest.hexdigest()[:8]}"
     return re.sub(r"[^A-Za-z0-9._-]+", "--", model_id_or_path)
 
@@ -159,17 +194,43 @@ def converted_dir(model_id_or_path: str, weight_format: str) -> Path:
     return models_dir() / _slug(model_id_or_path) / weight_format
 
 
-def ensure_converted(model_id_or_path: str, weight_format: str = "fp16", *, overwrite: bool = False) -> Path:
-    """Convert ``model_id_or_path`` into the cache the first time; later calls return the cached folder."""
-    from helpers.conversion import GRAPH_VERSION, convert_florence2, graph_version, is_converted
+def repair_hint(model_id_or_path: str, weight_format: str) -> str:
+    """How a user repairs a damaged cached conversion: the one call (and its command-line form) that converts again."""
+    return (
+        f"Repair it with `load_model({model_id_or_path!r}, {weight_format!r}, reconvert=True)` (command line: add "
+        "--reconvert)."
+    )
+
+
+def ensure_converted(model_id_or_path: str, weight_format: str = "fp16", *, reconvert: bool = False) -> Path:
+    """Convert ``model_id_or_path`` into the cache the first time; later calls return the cached folder.
+
+    The cached folder is checked against its manifest (hashes the first time it is used and whenever a file
+    changed); a damaged one is refused with the file named and the repair: ``reconvert=True`` converts again.
+    """
+    from helpers.conversion import (
+        GRAPH_VERSION,
+        IncompleteConversionError,
+        convert_florence2,
+        remove_stale_staging,
+        verify_conversion,
+    )
 
     model = resolve_model(model_id_or_path)
     folder = converted_dir(model, weight_format)
-    if not overwrite and is_converted(folder, weight_format=weight_format):
-        if graph_version(folder) < GRAPH_VERSION:
-            return _upgrade_conversion(model, folder, weight_format)
-        return folder  # the folder name already identifies the source (see _slug), even after a move
-    return convert_florence2(model, folder, weight_format, overwrite=overwrite)
+    if folder.parent.is_dir():
+        remove_stale_staging(folder)  # what killed conversions left beside it (up to GBs each)
+    if reconvert or not folder.is_dir() or not any(folder.iterdir()):
+        return convert_florence2(model, folder, weight_format, overwrite=reconvert)
+    fix = repair_hint(model_id_or_path, weight_format)
+    manifest = verify_conversion(folder, check_hashes="once", fix=fix)
+    if manifest.get("weight_format") != weight_format:
+        raise IncompleteConversionError(
+            f"{folder} holds a {manifest.get('weight_format')} conversion, not {weight_format}. {fix}"
+        )
+    if int(manifest.get("graph_version", 1)) < GRAPH_VERSION:
+        return _upgrade_conversion(model, folder, weight_format)
+    return folder  # the folder name already identifies the source and its content (see _slug), even after a move
 
 
 def _upgrade_conversion(model: str, folder: Path, weight_format: str) -> Path:
@@ -190,16 +251,27 @@ def load_model(
     weight_format: str = "fp16",
     device: str = DEFAULT_DEVICE,
     ov_config: dict | None = None,
+    *,
+    reconvert: bool = False,
     **model_kwargs,
 ):
-    """Convert if needed, then return ``(OVFlorence2Model, processor)`` ready for :func:`helpers.tasks.run_task`."""
+    """Convert if needed, then return ``(OVFlorence2Model, processor)`` ready for :func:`helpers.tasks.run_task`.
+    ``reconvert=True`` converts again over the cached folder (the repair for a damaged one)."""
     from transformers import AutoProcessor
 
+    from helpers.conversion import IncompleteConversionError
     from helpers.ov_model import OVFlorence2Model
 
-    folder = ensure_converted(model_id_or_path, weight_format)
+    folder = ensure_converted(model_id_or_path, weight_format, reconvert=reconvert)
     model = OVFlorence2Model(folder, device=device, ov_config=ov_config, **model_kwargs)
-    return model, AutoProcessor.from_pretrained(folder, trust_remote_code=False)
+    try:
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError) as error:  # a damaged tokenizer.json: UnicodeDecodeError …
+        raise IncompleteConversionError(
+            f"The processor files in {folder} (tokenizer.json, processor_config.json …) cannot be read "
+            f"({type(error).__name__}: {error}). {repair_hint(model_id_or_path, weight_format)}"
+        ) from error
+    return model, processor
 
 
 def model_kind(model: Any) -> ModelKind:

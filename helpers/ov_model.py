@@ -18,10 +18,13 @@ Taught in ``notebooks/02_convert.ipynb`` (how it works) and ``notebooks/03_selec
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import math
+import os
+import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -32,7 +35,7 @@ import openvino as ov
 from transformers import AutoConfig, GenerationConfig
 
 from helpers import numpy_generation
-from helpers.conversion import IncompleteConversionError, verify_conversion
+from helpers.conversion import IncompleteConversionError, reconvert_hint, verify_conversion
 
 #: True when torch is installed: then transformers' ``generate`` is available and is the default generator.
 TORCH_AVAILABLE = importlib.util.find_spec("torch") is not None
@@ -118,6 +121,49 @@ def _check_device(core: ov.Core, device: str) -> None:
         )
 
 
+#: ``FLORENCE2_COMPILED_CACHE``: where compiled models are cached: a folder (one sub-folder per model), or ``off``.
+#: Unset: ``<model folder>/compiled_cache``. The ``cache_dir`` argument of :class:`OVFlorence2Model` wins over it.
+COMPILED_CACHE_ENV = "FLORENCE2_COMPILED_CACHE"
+#: Compiled blobs kept per part: the current one and one other (e.g. the exact-f32 and the default settings).
+KEEP_COMPILED_BLOBS = 2
+
+
+def compiled_cache_dir(model_dir: str | Path, cache_dir: str | Path | None = "auto") -> Path | None:
+    """Where :class:`OVFlorence2Model` caches the compiled parts of ``model_dir`` (``None``: no cache): ``cache_dir``
+    if given, else ``$FLORENCE2_COMPILED_CACHE/<model>-<hash of its path>`` (``off`` disables it), else
+    ``<model_dir>/compiled_cache``. Taught in ``notebooks/03_select_device.ipynb``."""
+    if cache_dir != "auto":
+        return None if cache_dir is None else Path(cache_dir).expanduser()
+    model_dir = Path(model_dir).resolve()
+    setting = os.environ.get(COMPILED_CACHE_ENV, "").strip()
+    if setting.lower() in ("off", "none", "0", "false", "no"):
+        return None
+    if setting:
+        digest = hashlib.sha256(str(model_dir).encode()).hexdigest()[:8]
+        return Path(setting).expanduser() / f"{model_dir.parent.name}-{model_dir.name}-{digest}"
+    return model_dir / "compiled_cache"
+
+
+def _blobs(folder: Path | None) -> set[Path]:
+    try:
+        return set(folder.glob("*.blob")) if folder is not None else set()
+    except OSError:
+        return set()
+
+
+def prune_compiled_cache(folder: str | Path, keep: int = KEEP_COMPILED_BLOBS) -> list[Path]:
+    """Delete all but the ``keep`` newest compiled blobs in ``folder`` (one part's cache: another OpenVINO version,
+    device or setting wrote the older ones); returns what was deleted. A blob another process is reading stays
+    readable on POSIX until it closes it."""
+    blobs = sorted(_blobs(Path(folder)), key=lambda blob: blob.stat().st_mtime_ns, reverse=True)
+    removed = []
+    for blob in blobs[keep:]:
+        with contextlib.suppress(OSError):
+            blob.unlink()
+            removed.append(blob)
+    return removed
+
+
 class OVFlorence2Model(_GenerationBase):
     """A converted Florence-2 on an OpenVINO device, with a transformers-style ``generate``.
 
@@ -127,7 +173,9 @@ class OVFlorence2Model(_GenerationBase):
 
     ``ov_config`` is passed to ``compile_model`` (e.g. :data:`EXACT_CONFIG` for bit-exact parity, or
     ``{"PERFORMANCE_HINT": "LATENCY"}``). ``image_cache_size`` bounds the image-feature cache (0 disables it).
-    ``cache_dir`` stores compiled models so that the next load is faster (``None`` disables it).
+    ``cache_dir`` stores compiled models so that the next load is faster (``None`` disables it; the default
+    ``"auto"`` is :func:`compiled_cache_dir`: ``FLORENCE2_COMPILED_CACHE`` or ``<model_dir>/compiled_cache``); it
+    keeps :data:`KEEP_COMPILED_BLOBS` blobs per part, deleting older ones.
     ``release_vision_memory`` gives the vision encoder's working memory back after each call (≈300 MB at 768×768 for
     Florence-2-base, idle while the decoder runs): a lower peak RSS for ≈10 ms more per new image. ``False`` keeps it.
     ``part_config`` overrides ``ov_config`` for one part (``"vision_encoder"``, ``"encoder"``, ``"decoder"``,
@@ -162,8 +210,14 @@ class OVFlorence2Model(_GenerationBase):
             _check_torch_for_transformers()  # fail at load, not at the first generate
         self.model_dir = Path(model_dir)
         self._check_folder()
-        self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
-        self.generation_config = GenerationConfig.from_pretrained(self.model_dir)
+        try:
+            self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
+            self.generation_config = GenerationConfig.from_pretrained(self.model_dir)
+        except (OSError, ValueError) as error:  # json, unicode and "not a config" errors are ValueErrors
+            raise IncompleteConversionError(
+                f"{self.model_dir}: config.json or generation_config.json cannot be read ({error}). "
+                f"{reconvert_hint(self.model_dir, self.manifest)}"
+            ) from error
         self.device_name = device
         self.ov_config = dict(ov_config or {})
         self.part_config = {part: dict(config) for part, config in (part_config or {}).items()}
@@ -203,21 +257,44 @@ class OVFlorence2Model(_GenerationBase):
                 f"{self.model_dir} holds a PyTorch checkpoint, not an OpenVINO conversion. "
                 f"Convert it first: `convert_florence2('{self.model_dir}', output_folder)`."
             )
-        self.manifest = verify_conversion(self.model_dir, check_hashes=False)
+        # Hashes are checked the first time a folder is used and again whenever one of its files changes: a flipped
+        # byte in decoder.bin otherwise gives plausible wrong answers without a word.
+        self.manifest = verify_conversion(self.model_dir, check_hashes="once")
 
     def _set_compile_cache(self, cache_dir: str | Path | None) -> None:
-        if cache_dir == "auto":
-            cache_dir = self.model_dir / "compiled_cache"
-        if cache_dir is None:
+        self.compiled_cache = compiled_cache_dir(self.model_dir, cache_dir)
+        if self.compiled_cache is None:
             return
         try:
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            self.compiled_cache.mkdir(parents=True, exist_ok=True)
         except OSError:
-            return  # a read-only model folder still loads, just without the compiled-model cache
-        self.core.set_property({"CACHE_DIR": str(cache_dir)})
+            self.compiled_cache = None  # a read-only model folder still loads, just without the compiled-model cache
+            return
+        if self.compiled_cache == self.model_dir / "compiled_cache":
+            prune_compiled_cache(self.compiled_cache, keep=0)  # blobs of older versions (one flat folder, unbounded)
 
     def _compile(self, model: ov.Model | str | Path, part: str) -> ov.CompiledModel:
-        return self.core.compile_model(model, self.device_name, self.compile_config(part))
+        config = self.compile_config(part)
+        part_cache = None
+        if self.compiled_cache is not None:
+            part_cache = self.compiled_cache / part
+            with contextlib.suppress(OSError):
+                part_cache.mkdir(exist_ok=True)
+            config["CACHE_DIR"] = str(part_cache)
+        before = _blobs(part_cache)
+        try:
+            compiled = self.core.compile_model(model, self.device_name, config)
+        except RuntimeError as error:
+            if not isinstance(model, (str, Path)):
+                raise
+            # OpenVINO's message starts with source-file locations; keep the words that say why.
+            reason = re.sub(r"(Exception from )?\S+\.(cpp|hpp):\d+:?\s*", "", " ".join(str(error).split()))[:300]
+            raise IncompleteConversionError(
+                f"OpenVINO cannot read {model} ({reason}). {reconvert_hint(self.model_dir, self.manifest)}"
+            ) from error
+        if part_cache is not None and _blobs(part_cache) - before:
+            prune_compiled_cache(part_cache)
+        return compiled
 
     def compile_config(self, part: str) -> dict[str, Any]:
         """The settings ``part`` is compiled with: :data:`DECODER_DEFAULTS` (decoder, not on NPU), then ``ov_config``,
@@ -230,7 +307,7 @@ class OVFlorence2Model(_GenerationBase):
         self.ov_vision_encoder = self._compile(self.model_dir / "vision_encoder.xml", "vision_encoder")
         self.ov_text_encoder = self._compile(self.model_dir / "encoder.xml", "encoder")
         self.ov_decoder = self._compile(self.model_dir / "decoder.xml", "decoder")
-        decoder_model = self.core.read_model(self.model_dir / "decoder.xml")
+        decoder_model = self.core.read_model(self.model_dir / "decoder.xml")  # compiled above: readable
         self.ov_token_embeddings = self._compile(self._token_embedding_model(decoder_model), "token_embeddings")
         del decoder_model
         self.decoder_request = self.ov_decoder.create_infer_request()
@@ -252,14 +329,19 @@ class OVFlorence2Model(_GenerationBase):
         if table is None:
             raise IncompleteConversionError(
                 f"No token-embedding table found in {self.model_dir / 'decoder.xml'}: the folder was not written by "
-                "this collection's converter. Convert again with `convert_florence2(..., overwrite=True)`."
+                f"this collection's converter. {reconvert_hint(self.model_dir, self.manifest)}"
             )
         input_ids = ops.parameter(ov.PartialShape([-1, -1]), ov.Type.i64, name="input_ids")
-        embeddings = ops.gather(table, input_ids, ops.constant(0))
+        embeddings = ops.gather(table, input_ids, ops.constant(np.int64(0), name="token_embeddings/axis"),
+                                name="token_embeddings/gather")  # fmt: skip
         scale = math.sqrt(text.d_model) if getattr(text, "scale_embedding", False) else 1.0
         if scale != 1.0:
-            embeddings = ops.multiply(embeddings, ops.constant(np.float32(scale)))
-        return ov.Model([embeddings], [input_ids], "token_embeddings")
+            factor = ops.constant(np.float32(scale), name="token_embeddings/scale_factor")
+            embeddings = ops.multiply(embeddings, factor, name="token_embeddings/scale")
+        result = ops.result(embeddings, name="token_embeddings/result")
+        # Every node named: OpenVINO's compiled-model cache key hashes node names, and unnamed nodes get a
+        # process-wide counter ("Gather_1234"), so each load used to add a new blob to compiled_cache.
+        return ov.Model([result], [input_ids], "token_embeddings")
 
     # ---- the parts, one call each ----------------------------------------------------------------------------
 

@@ -218,13 +218,15 @@ def label_on_ray(
     update: bool = False,
     recursive: bool = False,
     progress: bool = True,
+    reconvert: bool = False,
     **generate_kwargs: Any,
 ) -> BatchSummary:
     """Answer ``tasks`` for every image of ``source`` that ``output_dir/results.jsonl`` still lacks, on ``workers``
     Ray actors of ``cpus_per_worker`` CPUs each (default: this machine's CPUs shared out).
 
     Same arguments, files, checks and resume rules as :func:`helpers.batch.process_images`; ``model`` is what
-    ``--model`` takes (converted here first; each actor loads it with :func:`helpers.models.load_model`).
+    ``--model`` takes (converted here first, again over the cache with ``reconvert``; each actor loads it with
+    :func:`helpers.models.load_model`).
     ``ray_address`` joins an existing cluster; without it a local one is started and stopped (a cluster this process
     already joined is used and left running). Also writes ``summary.json``. Taught in
     ``notebooks/13_label_dataset.ipynb``.
@@ -236,7 +238,7 @@ def label_on_ray(
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     cpus = cpus_per_worker or max(1, (os.cpu_count() or 1) // workers)
     with contextlib.redirect_stdout(sys.stderr):
-        folder = ensure_converted(model, weight_format)  # once, before the actors look for it (on this machine)
+        folder = ensure_converted(model, weight_format, reconvert=reconvert)  # before the actors look for it
     request = make_request(ConvertedModelInfo(folder), tasks, text_input=text_input, scores=scores, **generate_kwargs)
     root, files = find_images(source, recursive=recursive)
     out = Path(output_dir)

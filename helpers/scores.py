@@ -25,6 +25,13 @@ Which tokens form which instance is found by reading the generated text with the
 token sequences that this reading finds exactly the post-processor's instances. Text answers (captions, OCR
 without regions, region-to-text tasks) have no instances and are refused with a clear error.
 
+Which generator: scores need transformers' ``generate`` (``output_scores``), so on an ``OVFlorence2Model`` the scored
+path runs ``generation="transformers"`` while :func:`helpers.tasks.run_task` takes the faster numpy loop by default.
+At f32 (``EXACT_CONFIG``) both give the same tokens (``tests/test_scores.py``). At the CPU's default bf16 precision the
+two loops round differently, so where two beams nearly tie they can choose differently (seen on 2 of 8 teaching
+scenes, from token 6–7). For the exact answers the scores belong to, pass ``generation="transformers"`` to
+``run_task`` too (``tests/test_scores.py::test_scored_answers_are_the_transformers_generators_answers``).
+
 Memory: generate keeps one vocabulary-sized row of scores per step and beam until it returns (about 0.2 MB per
 token and beam for the real models' 51k-token vocabulary); lower ``max_new_tokens`` for very long answers.
 
@@ -128,11 +135,14 @@ class _Text:
     """The generated text with, for every character, the index of the token it came from."""
 
     def __init__(self, processor: Any, token_ids: Sequence[int]) -> None:
+        # Ids past the tokenizer (real checkpoints pad the vocabulary to 51328; a model can emit a padding id) have
+        # no text: batch_decode drops them, so they are left out here too, keeping every other token's index.
+        known = [i for i, token in enumerate(token_ids) if 0 <= int(token) < len(processor.tokenizer)]
         # The post-processor's own decoder: one string per token, special tokens written out.
-        full, spans = processor.post_processor.decode_with_spans(list(token_ids))
+        full, spans = processor.post_processor.decode_with_spans([int(token_ids[i]) for i in known])
         owner = [0] * len(full)
         for index, (start, end) in enumerate(spans):
-            owner[start:end] = [index] * (end - start)
+            owner[start:end] = [known[index]] * (end - start)
         text, keep = full, list(range(len(full)))
         for dropped in _DROPPED:  # like str.replace(dropped, ""), remembering where each kept character was
             gone = {i for m in re.finditer(re.escape(dropped), text) for i in range(m.start(), m.end())}

@@ -36,6 +36,7 @@ from transformers import (
     GenerationConfig,
 )
 
+from helpers.conversion import remove_stale_staging
 from helpers.models import MODEL_KIND_KEY
 
 #: Tokens the Florence-2 tokenizer adds to BART's vocabulary (task markers, 1000 location bins, polygon markers).
@@ -292,7 +293,9 @@ def make_tiny_florence2(
     arch = architecture or (TinyArchitecture.large_style() if large_style else TinyArchitecture())
     torch.manual_seed(seed)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    remove_stale_staging(output_dir)  # what killed builds left (≈1 GB each for base-random)
+    # The pid in the name tells a later run a folder left by a killed build from one still being written.
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-{os.getpid()}-", dir=output_dir.parent))
     _make_shareable(staging)  # mkdtemp makes 0700 folders; a shared kit or cache must be readable
     try:
         tokenizer = build_tokenizer(staging, seed=seed)

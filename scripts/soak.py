@@ -19,6 +19,7 @@ requires less than 5% growth.
 Usage::
 
     python scripts/soak.py [--iterations 500] [--warmup 30] [--model-dir CONVERTED_DIR] [--device CPU] [--json]
+    python scripts/soak.py --mixed --iterations 300 --warmup 40   # threads + scores + batch runs, disk watched too
 
 Without ``--model-dir`` the offline tiny model is built and converted once (cached under ``FLORENCE2_MODELS_DIR``,
 default ``models/``). ``--json`` prints the figures as one JSON line at the end. ``--simulate-leak-kb N`` keeps N KB
@@ -31,7 +32,9 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from statistics import median
@@ -96,8 +99,51 @@ def request(iteration: int) -> tuple[Image.Image, str, object, dict]:
     return image, task, TEXT_INPUTS.get(task), kwargs
 
 
-def soak(model, processor, iterations: int, warmup: int, *, simulate_leak_kb: int = 0, verbose: bool = True) -> dict:
-    """Run ``iterations`` requests and return the memory figures (bytes and % growth after ``warmup``)."""
+def disk_bytes(folder: Path) -> int:
+    """Bytes of every file under ``folder`` (0 when it does not exist)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+
+
+def mixed_call(model, processor, iteration: int, workdir: Path) -> None:
+    """The iteration-th call of ``--mixed``: in turn one request, two requests from two threads at once, a request
+    with confidence scores, and a batch run (3 images, 2 tasks) into a fresh output folder under ``workdir``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from helpers.batch import process_images
+    from helpers.scores import SCORED_TASKS, run_task_with_scores
+
+    kind = iteration % 4
+    if kind == 0:
+        image, task, text, kwargs = request(iteration)
+        run_task(model, processor, image, task, text, **kwargs)
+    elif kind == 1:
+        def one(index: int) -> None:
+            image, task, text, kwargs = request(index)
+            run_task(model, processor, image, task, text, **kwargs)
+
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(one, [iteration, iteration + 1]))
+    elif kind == 2:
+        image, _, _, kwargs = request(iteration)
+        task = SCORED_TASKS[iteration % len(SCORED_TASKS)]
+        run_task_with_scores(model, processor, image, task, TEXT_INPUTS.get(task), **kwargs)
+    else:
+        images = workdir / "images"
+        if not images.exists():
+            images.mkdir(parents=True)
+            for index in range(3):
+                request(index)[0].convert("RGB").save(images / f"{index}.png")
+        out = workdir / "batch"
+        shutil.rmtree(out, ignore_errors=True)
+        process_images(model, processor, images, ["<OD>", "<CAPTION>"], out, batch_size=2, coco=True, progress=False,
+                       max_new_tokens=16, num_beams=1 + iteration % 2 * 2)  # fmt: skip
+
+
+def soak(model, processor, iterations: int, warmup: int, *, simulate_leak_kb: int = 0, verbose: bool = True,
+         mixed_workdir: Path | None = None) -> dict:  # fmt: skip
+    """Run ``iterations`` requests (``mixed_workdir``: :func:`mixed_call` calls instead) and return the memory and
+    disk figures (bytes and % growth after ``warmup``; disk: the model folder, its compiled cache included, and the
+    work folder)."""
     if not 1 < warmup < iterations:
         raise ValueError(f"Need 1 < warmup < iterations, got warmup={warmup}, iterations={iterations}.")
     kept: list[bytes] = []
@@ -107,8 +153,11 @@ def soak(model, processor, iterations: int, warmup: int, *, simulate_leak_kb: in
     window = max(1, min(10, warmup // 2))
     start = time.perf_counter()
     for iteration in range(iterations):
-        image, task, text, kwargs = request(iteration)
-        run_task(model, processor, image, task, text, **kwargs)
+        if mixed_workdir is not None:
+            mixed_call(model, processor, iteration, mixed_workdir)
+        else:
+            image, task, text, kwargs = request(iteration)
+            run_task(model, processor, image, task, text, **kwargs)
         if simulate_leak_kb:
             kept.append(os.urandom(simulate_leak_kb * 1024))  # random bytes: the pages are really touched
         samples.append(rss_bytes())
@@ -118,6 +167,7 @@ def soak(model, processor, iterations: int, warmup: int, *, simulate_leak_kb: in
         if iteration + 1 == warmup:
             gc.collect()
             baseline_rss, baseline_peak = median(samples[-window:]), peak_rss_bytes() if kernel_peak else sampled_peak
+            baseline_disk = _disk(model, mixed_workdir)
             kernel_peak, sampled_peak = reset_peak_rss(), rss_bytes()
         if verbose and (iteration + 1) % 50 == 0:
             print(f"{iteration + 1:5d}/{iterations}  RSS {rss_bytes() / 2**20:7.1f} MiB", flush=True)
@@ -133,7 +183,13 @@ def soak(model, processor, iterations: int, warmup: int, *, simulate_leak_kb: in
         "final_peak_rss_mib": round(final_peak / 2**20, 1),
         "rss_growth_percent": round(100.0 * (final_rss - baseline_rss) / baseline_rss, 2),
         "peak_rss_growth_percent": round(100.0 * (final_peak - baseline_peak) / baseline_peak, 2),
+        "baseline_disk_bytes": baseline_disk,
+        "final_disk_bytes": _disk(model, mixed_workdir),
     }
+
+
+def _disk(model, workdir: Path | None) -> int:
+    return disk_bytes(Path(model.model_dir)) + (disk_bytes(workdir) if workdir is not None else 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="CPU")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON line at the end")
     parser.add_argument("--simulate-leak-kb", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--mixed", action="store_true",
+                        help="cycle single calls, two threads at once, scores and batch runs (see mixed_call)")  # fmt: skip
     args = parser.parse_args(argv)
 
     from transformers import AutoProcessor
@@ -157,13 +215,16 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = ensure_converted(TINY_MODEL, "fp32")
     model = OVFlorence2Model(model_dir, args.device)
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=False)
-    result = soak(model, processor, args.iterations, args.warmup, simulate_leak_kb=args.simulate_leak_kb)
+    with tempfile.TemporaryDirectory(prefix="florence2-soak-") as workdir:
+        result = soak(model, processor, args.iterations, args.warmup, simulate_leak_kb=args.simulate_leak_kb,
+                      mixed_workdir=Path(workdir) if args.mixed else None)  # fmt: skip
     print(
         f"{result['iterations']} generations in {result['seconds']} s on {model_dir} ({args.device}). "
         f"After {result['warmup']} warm-up iterations: peak RSS ({result['peak_source']}) "
         f"{result['baseline_peak_rss_mib']} → "
         f"{result['final_peak_rss_mib']} MiB ({result['peak_rss_growth_percent']:+.2f}%), RSS "
-        f"{result['baseline_rss_mib']} → {result['final_rss_mib']} MiB ({result['rss_growth_percent']:+.2f}%)."
+        f"{result['baseline_rss_mib']} → {result['final_rss_mib']} MiB ({result['rss_growth_percent']:+.2f}%); disk "
+        f"{result['baseline_disk_bytes']:,} → {result['final_disk_bytes']:,} bytes."
     )
     if args.json:
         print(json.dumps(result))

@@ -335,3 +335,27 @@ def test_gradio_app_serves_on_localhost_only(ov_tiny):
             assert response.status == 200 and b"gradio" in response.read().lower()
     finally:
         app.close()
+
+
+def test_gradio_checks_the_pixel_count_before_decoding(ov_tiny, tmp_path, monkeypatch):
+    import sys
+    from unittest import mock
+
+    from PIL import ImageFile
+
+    from helpers.gradio_app import build_gradio_app, gradio_callback
+
+    fake_gradio = mock.MagicMock()  # records how the app asks gradio for the upload (gradio itself is optional)
+    monkeypatch.setitem(sys.modules, "gradio", fake_gradio)
+    build_gradio_app(*ov_tiny)
+    upload = fake_gradio.Image.call_args_list[0].kwargs
+    assert upload["type"] == "filepath" and upload["image_mode"] is None  # gradio then hands over the file undecoded
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (400, 300), "white").save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # 120,000 pixels: "huge" for this test
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or real_load(self))
+    drawn, answer, status = gradio_callback(*ov_tiny, **FAST)(str(big), "<OD>", "")
+    assert drawn is None and "pixel safety limit" in status and decoded == []

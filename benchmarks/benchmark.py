@@ -683,6 +683,7 @@ def run_engine_throughput(
             if verbose:
                 print(f"Measuring {name} …", flush=True)
             out = work / name.replace(" ", "-").replace(",", "")
+            load_before = os.getloadavg()[0]  # the machine may be shared: say how busy it was
             if engine == "local":
                 results[name] = _time_local(str(folders["fp16"]), folder, out, batch_size, gen)
             else:
@@ -690,7 +691,8 @@ def run_engine_throughput(
                     ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
                 results[name] = _time_ray(source, folder, out, batch_size, workers, gen)
             gc.collect()
-            results[name].update(engine=engine, batch_size=batch_size, workers=workers)
+            results[name].update(engine=engine, batch_size=batch_size, workers=workers,
+                                 load_average=[load_before, os.getloadavg()[0]])  # fmt: skip
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()

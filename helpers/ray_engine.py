@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -69,10 +70,6 @@ def actor_ov_config(cpus: int, ov_config: dict[str, Any] | None = None) -> dict[
     return {"INFERENCE_NUM_THREADS": int(cpus), "ENABLE_CPU_PINNING": False, **(ov_config or {})}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# What runs in every actor
-
-
 class ConvertedModelInfo:
     """What a batch request needs to know about a converted model (its manifest, config and generation config),
     read from the folder without compiling it: the driver plans with it, the actors load the model itself."""
@@ -86,6 +83,10 @@ class ConvertedModelInfo:
         self.manifest = verify_conversion(self.model_dir, check_hashes=False)
         self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
         self.generation_config = GenerationConfig.from_pretrained(self.model_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What runs in every actor
 
 
 def _job_from_row(row: dict[str, Any]) -> ImageJob:
@@ -122,7 +123,7 @@ class LabelWorker:
             raise RuntimeError(f"This worker loaded {loaded} from {self.model.model_dir}, but the run was planned "
                                f"for {request.model}. Convert the model on every machine from the same source.")  # fmt: skip
         self.facts = {"model_dir": str(self.model.model_dir), "device": device, "ov_config": self.ov_config,
-                      "node": os.uname().nodename, "pid": os.getpid()}  # fmt: skip
+                      "node": platform.node(), "pid": os.getpid()}  # fmt: skip
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
         records, drawings = [], []

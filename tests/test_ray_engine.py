@@ -176,3 +176,15 @@ def test_a_worker_killed_mid_chunk_loses_nothing(cluster, tmp_path) -> None:
     assert sorted(records) == [f"scene_{i:03d}.png" for i in range(8)] and unreadable == 0
     assert len(lines(results)) == 8  # no image answered twice
     assert all("error" not in r for r in records.values())
+
+
+def test_engine_options_take_values_and_are_checked(tmp_path) -> None:
+    from helpers.batch import main, wants_batch
+
+    folder = scene_folder(tmp_path / "scenes", 1)
+    assert wants_batch(["--engine", "ray", "--workers", "2", "--ray-address", "auto", str(folder)])
+    assert not wants_batch(["--ray-address", str(folder), str(folder / "scene_000.png")])
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        label_on_ray(MODEL, folder, "<OD>", tmp_path / "out", workers=0)
+    assert main([str(folder), "--engine", "ray", "--workers", "0", "--output-dir", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o" / "results.jsonl").exists()

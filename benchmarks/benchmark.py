@@ -4,13 +4,18 @@
     python benchmarks/benchmark.py --model florence-community/Florence-2-base-ft
     python benchmarks/benchmark.py --model path/to/folder
     python benchmarks/benchmark.py --quick              # seconds, on the tiny offline model (used by a test)
+    python benchmarks/benchmark.py --engines            # images/second: one process (batch 1, 4) vs Ray (1, 2 workers)
 
 Every backend is measured in its own subprocess (so its peak RSS is its own) with the same image, prompts and
 generation arguments; generation is forced to exactly ``--new-tokens`` tokens (``min_new_tokens = max_new_tokens``)
 so that every backend does the same work. Reported values are medians over ``--repeats``. Results go to
 ``benchmarks/results/<name>.json`` and a bar chart beside it; the table and the ratios against PyTorch are printed.
 
-Taught in ``notebooks/11_speed.ipynb``; latest numbers in ``benchmarks/README.md``.
+``--engines`` measures the batch command's engines instead (:func:`run_engine_throughput`): the same images
+labelled by one process at batch 1 and 4 and by Ray Data with 1 and 2 workers, in one run.
+
+Taught in ``notebooks/11_speed.ipynb`` (engines: ``notebooks/13_label_dataset.ipynb``); latest numbers in
+``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -595,10 +600,150 @@ def run_benchmark(
     return report
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# engines: images per second of the batch command, one process against Ray Data workers
+
+#: (engine, batch size, Ray workers) measured by :func:`run_engine_throughput`, in this order.
+ENGINE_SETUPS: tuple[tuple[str, int, int], ...] = (("local", 1, 1), ("local", 4, 1), ("ray", 1, 1), ("ray", 1, 2))
+
+
+def _engine_images(folder: Path, count: int) -> Path:
+    """``count`` different pictures (the samples, resized variants of them) as files, like a user's folder."""
+    from helpers.samples import load_sample
+
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = [load_sample(name) for name in ("grace_hopper", "pagoda", "flower", "shapes")]
+    for index in range(count):
+        picture = samples[index % len(samples)]
+        scale = 1.0 - 0.1 * (index // len(samples))
+        picture.resize((max(64, int(picture.width * scale)), max(64, int(picture.height * scale)))).save(
+            folder / f"image_{index:03d}.png"
+        )
+    return folder
+
+
+def _time_local(model_dir: str, images: Path, out: Path, batch_size: int, gen: dict) -> dict:
+    """One process: load (not timed), warm up on one image, then label the folder."""
+    from helpers.batch import process_images
+    from helpers.ov_model import OVFlorence2Model
+    from transformers import AutoProcessor
+
+    model = OVFlorence2Model(model_dir, "CPU")
+    processor = AutoProcessor.from_pretrained(model_dir)
+    warm = out.with_name(out.name + "-warm-up")
+    process_images(model, processor, f"{images}/image_000.png*", "<OD>", warm, progress=False, **gen)
+    start = time.perf_counter()
+    summary = process_images(model, processor, images, "<OD>", out, batch_size=batch_size, progress=False, **gen)
+    seconds = time.perf_counter() - start
+    answered = summary.processed + len(summary.failed)
+    return {"seconds": seconds, "images": answered, "cores": os.cpu_count() or 1, "threads": "all (OpenVINO default)"}
+
+
+def _time_ray(model: str, images: Path, out: Path, batch_size: int, workers: int, gen: dict) -> dict:
+    """Ray Data on the cluster this process joined: actors start and load the model inside the timed span, so the
+    time to the first answered chunk is reported apart and the steady rate is taken after it."""
+    from helpers.ray_engine import label_on_ray
+
+    cores = os.cpu_count() or 1
+    start = time.perf_counter()
+    summary = label_on_ray(model, images, "<OD>", out, workers=workers, cpus_per_worker=max(1, cores // workers),
+                           batch_size=batch_size, progress=False, device="CPU", **gen)  # fmt: skip
+    seconds = time.perf_counter() - start
+    facts = json.loads((out / "summary.json").read_text())
+    answered = summary.processed + len(summary.failed)
+    return {"seconds": seconds, "images": answered, "cores": max(1, cores // workers) * workers,
+            "threads": f"{max(1, cores // workers)} per worker", "first_chunk_s": facts["first_chunk_seconds"],
+            "steady_images": facts["images_after_first_chunk"], "steady_s": facts["seconds_after_first_chunk"],
+            "models_loaded": facts["model_dirs_loaded"]}  # fmt: skip
+
+
+def run_engine_throughput(
+    model: str = "base-random", *, quick: bool = False, images: int | None = None, new_tokens: int | None = None,
+    output: str | Path | None = None, verbose: bool = True,
+) -> dict:  # fmt: skip
+    """Images/second of the batch command on this machine: one process at batch 1 and 4, Ray Data with 1 and 2
+    workers (each with its share of the cores), the same ``<OD>`` request forced to ``new_tokens`` greedy tokens.
+    Writes ``benchmarks/results/engines-<model>.json`` (or ``output``) and returns the report with its table."""
+    import gc
+
+    import ray
+
+    images = images or (6 if quick else 16)
+    new_tokens = new_tokens or (8 if quick else 50)
+    gen = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "num_beams": 1, "scores": False}
+    source, folders, _ = prepare(model, ["fp16"], verbose)
+    work = Path(tempfile.mkdtemp(prefix="florence2-engines-"))
+    started_ray = not ray.is_initialized()
+    results: dict[str, dict] = {}
+    try:
+        folder = _engine_images(work / "images", images)
+        for engine, batch_size, workers in ENGINE_SETUPS:
+            name = f"{engine} batch {batch_size}" + (f", {workers} worker{'s' * (workers > 1)}" if engine == "ray" else "")
+            if verbose:
+                print(f"Measuring {name} …", flush=True)
+            out = work / name.replace(" ", "-").replace(",", "")
+            load_before = os.getloadavg()[0]  # the machine may be shared: say how busy it was
+            if engine == "local":
+                results[name] = _time_local(str(folders["fp16"]), folder, out, batch_size, gen)
+            else:
+                if not ray.is_initialized():
+                    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+                results[name] = _time_ray(source, folder, out, batch_size, workers, gen)
+            gc.collect()
+            results[name].update(engine=engine, batch_size=batch_size, workers=workers,
+                                 load_average=[load_before, os.getloadavg()[0]])  # fmt: skip
+    finally:
+        if started_ray and ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    for result in results.values():
+        result["images_per_s"] = result["images"] / result["seconds"]
+        steady = result.get("steady_s")
+        result["steady_images_per_s"] = result["steady_images"] / steady if steady else result["images_per_s"]
+        result["images_per_s_per_core"] = result["steady_images_per_s"] / result["cores"]
+    report = {
+        "settings": {"model": model, "source": source, "images": images, "new_tokens": new_tokens, "task": "<OD>",
+                     "weight_format": "fp16", "quick": quick},
+        "machine": {"cpu": cpu_name(), "threads": os.cpu_count(), "load_average": list(os.getloadavg())},
+        "results": results,
+    }  # fmt: skip
+    name = Path(output) if output else RESULTS_DIR / f"engines-{'quick-' if quick else ''}{Path(str(model)).name}.json"
+    name.parent.mkdir(parents=True, exist_ok=True)
+    name.write_text(json.dumps(report, indent=1))
+    report["json_path"] = str(name)
+    report["table"] = format_engine_table(report)
+    if verbose:
+        print(report["table"])
+        print(f"\nWrote {name}")
+    return report
+
+
+def format_engine_table(report: dict) -> str:
+    """The engines side by side: whole-run and steady images/second, per core, against one process at batch 1."""
+    results = report["results"]
+    reference = next(iter(results.values()))["steady_images_per_s"]
+    lines = [
+        "| engine | cores | images | whole run s | images/s (whole run) | first chunk s | images/s (after it) "
+        "| per core | vs one process, batch 1 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        first = f"{r['first_chunk_s']:.1f}" if "first_chunk_s" in r else "–"
+        lines.append(
+            f"| {name} | {r['cores']} | {r['images']} | {r['seconds']:.1f} | {r['images_per_s']:.3f} | {first} "
+            f"| {r['steady_images_per_s']:.3f} | {r['images_per_s_per_core']:.3f} "
+            f"| {r['steady_images_per_s'] / reference:.2f}× |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="base-random (default), tiny, a hub id or a local folder")
     parser.add_argument("--quick", action="store_true", help="tiny model, 8 tokens, 1 repeat, in one process")
+    parser.add_argument("--engines", action="store_true",
+                        help="images/second of the batch command: one process (batch 1, 4) vs Ray (1, 2 workers)")
+    parser.add_argument("--images", type=int, help="--engines: images to label per engine (16; quick 6)")
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--new-tokens", type=int)
     parser.add_argument("--backends", nargs="+", choices=BACKENDS)
@@ -630,6 +775,10 @@ def main(argv: list[str] | None = None) -> int:
         Path(options.worker_out).write_text(json.dumps(result))
         return 0
     model = options.model or ("tiny" if options.quick else "base-random")
+    if options.engines:
+        run_engine_throughput(model, quick=options.quick, images=options.images, new_tokens=options.new_tokens,
+                              output=options.output)  # fmt: skip
+        return 0
     run_benchmark(
         model, quick=options.quick, repeats=options.repeats, new_tokens=options.new_tokens, backends=options.backends,
         batch_sizes=options.batch_sizes, in_process=options.in_process, output=options.output,

@@ -31,9 +31,10 @@ line left by a killed run is removed. One run at a time writes an output folder 
 of a run that died is taken over). ``--coco`` writes ``coco.json`` from all lines (:func:`helpers.export.to_coco`),
 ``--draw`` saves ``drawings/<file>.<TASK>.png``.
 
-The steps are public functions, so another engine (e.g. Ray Data) can run them: :func:`plan_batch` (which images
-and tasks are pending), :func:`answer_chunk` (answer some of them → records), :func:`append_records`,
-:func:`write_coco` and :func:`draw_record`, inside :func:`output_lock`.
+The steps are public functions, so another engine can run them: :func:`plan_batch` (which images and tasks are
+pending), :func:`answer_chunk` (answer some of them → records), :func:`append_records`, :func:`write_coco` and
+:func:`draw_record`, inside :func:`output_lock`. ``--engine ray --workers N`` does that on Ray Data
+(:mod:`helpers.ray_engine`); both engines write ``summary.json`` (engine, images/second, the model that ran).
 
 Taught in ``notebooks/11_speed.ipynb`` (batches) and the README ("Use it in your own project").
 """
@@ -78,6 +79,7 @@ __all__ = [
     "repair_results",
     "wants_batch",
     "write_coco",
+    "write_run_summary",
 ]
 
 #: File types picked up from a folder (a glob takes whatever it matches).
@@ -86,6 +88,7 @@ RESULTS_FILE = "results.jsonl"
 REQUEST_FILE = "request.json"
 LOCK_FILE = ".lock"
 COCO_FILE = "coco.json"
+SUMMARY_FILE = "summary.json"
 DRAWINGS_DIR = "drawings"
 _GLOB_CHARS = ("*", "?", "[")
 
@@ -304,6 +307,16 @@ def write_coco(results_path: str | Path, coco_path: str | Path) -> None:
     partial = coco_path.with_name(coco_path.name + ".partial")
     partial.write_text(_json_text(dataset), encoding="utf-8")
     partial.replace(coco_path)
+
+
+def write_run_summary(output_dir: str | Path, facts: dict[str, Any]) -> Path:
+    """``output_dir/summary.json``: what the last run did (engine, workers, images/second, the model that ran),
+    written atomically."""
+    path = Path(output_dir) / SUMMARY_FILE
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(facts, indent=1, ensure_ascii=True) + "\n", encoding="utf-8")
+    partial.replace(path)
+    return path
 
 
 @contextlib.contextmanager
@@ -762,7 +775,7 @@ def process_images(
 #: Options (of this parser and of the single-image one) that take a value: used to find the positional argument.
 _VALUE_OPTIONS = (
     "--task", "--text", "--model", "--device", "--weight-format", "--max-new-tokens", "--num-beams", "--out",
-    "--output-dir", "--batch-size",
+    "--output-dir", "--batch-size", "--engine", "--workers", "--ray-address",
 )  # fmt: skip
 
 
@@ -818,8 +831,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--reconvert", action="store_true",
                         help="convert the model again over its cached conversion (repairs a damaged one)")  # fmt: skip
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="local: one process (default); ray: Ray Data actors, see helpers/ray_engine.py")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=2, help="--engine ray: model-holding actors (default: 2)")
+    parser.add_argument("--ray-address", default=None,
+                        help="--engine ray: an existing cluster (e.g. auto, ray://head:10001); default: start a "
+                        "local one")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     return parser
+
+
+def _run_local(args: argparse.Namespace, tasks: list[str], options: dict[str, Any]) -> BatchSummary:
+    """The one-process engine, timed (model loading apart), with ``summary.json`` beside the results."""
+    import time
+
+    from helpers.models import load_model
+
+    model, processor = load_model(args.model, args.weight_format, args.device, reconvert=args.reconvert)
+    started = time.perf_counter()
+    summary = process_images(model, processor, args.source, tasks, args.output_dir, **options)
+    seconds = time.perf_counter() - started
+    answered = summary.processed + len(summary.failed)
+    write_run_summary(args.output_dir, {
+        "engine": "local", "workers": 1, "batch_size": args.batch_size, "images_answered": answered,
+        "images_failed": len(summary.failed), "images_skipped": summary.skipped, "seconds": round(seconds, 3),
+        "images_per_second": round(answered / seconds, 4) if answered and seconds > 0 else None,
+        "model": args.model, "model_dirs_loaded": [str(model.model_dir)], "ov_configs": [model.ov_config],
+    })  # fmt: skip
+    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -829,7 +868,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:
         print("error: --out saves one drawing; for a folder use --output-dir DIR --draw.", file=sys.stderr)
         return 2
-    from helpers.models import load_model
     from helpers.tasks import check_generate_kwargs
 
     generate_kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
@@ -842,16 +880,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_scores and not TORCH_AVAILABLE:
         print("note: confidence scores need torch (requirements.txt); answering without them (as --no-scores).",
               file=sys.stderr)  # fmt: skip
+    options = dict(text_input=args.text, batch_size=args.batch_size, scores=scores, coco=args.coco,
+                   draw=args.draw, retry_errors=args.retry_errors, update=args.update, recursive=args.recursive,
+                   progress=not args.quiet, **generate_kwargs)  # fmt: skip
     try:
         check_generate_kwargs(None, generate_kwargs)  # a mistyped setting fails before the model loads
         find_images(args.source, recursive=args.recursive)  # so does a wrong path
-        model, processor = load_model(args.model, args.weight_format, args.device, reconvert=args.reconvert)
-        summary = process_images(
-            model, processor, args.source, tasks, args.output_dir, text_input=args.text,
-            batch_size=args.batch_size, scores=scores, coco=args.coco, draw=args.draw,
-            retry_errors=args.retry_errors, update=args.update, recursive=args.recursive, progress=not args.quiet,
-            **generate_kwargs,
-        )  # fmt: skip
+        if args.engine == "ray":
+            from helpers.ray_engine import label_on_ray
+
+            summary = label_on_ray(args.model, args.source, tasks, args.output_dir, workers=args.workers,
+                                   ray_address=args.ray_address, weight_format=args.weight_format,
+                                   device=args.device, reconvert=args.reconvert, **options)  # fmt: skip
+        else:
+            summary = _run_local(args, tasks, options)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

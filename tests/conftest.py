@@ -42,7 +42,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
     Kernels inherit this process's environment. Unless you chose a model with ``FLORENCE2_MODEL``, the tiny
     random-weight model is built once into ``build/test-models/tiny-florence2`` and reused by later runs; converted
-    models go to ``build/test-models/converted``; the device is the CPU.
+    models go to ``build/test-models/converted``; the device is the CPU; ``FLORENCE2_QUICK=1`` asks lessons for their
+    small form.
     """
     test_models = Path(__file__).resolve().parent.parent / "build" / "test-models"
     if not os.environ.get("FLORENCE2_MODEL"):
@@ -62,3 +63,4 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["FLORENCE2_MODEL"] = str(tiny_dir)
     os.environ.setdefault("FLORENCE2_MODELS_DIR", str(test_models / "converted"))
     os.environ.setdefault("FLORENCE2_DEVICE", "CPU")
+    os.environ.setdefault("FLORENCE2_QUICK", "1")  # lessons with a size parameter (13_label_dataset) run small

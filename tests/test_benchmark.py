@@ -146,3 +146,24 @@ def test_importing_the_benchmark_changes_no_environment():
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_VERBOSITY")}
     child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
     assert child.stdout.strip() == "[]", f"importing benchmark.py changed the environment: {child.stdout}"
+
+
+@pytest.mark.slow
+def test_engine_throughput_puts_one_process_and_ray_side_by_side(benchmark, tiny_model_dir, tmp_path):
+    report = benchmark.run_engine_throughput(str(tiny_model_dir), quick=True, output=tmp_path / "engines.json",
+                                             verbose=False)  # fmt: skip
+    results = report["results"]
+    assert [(r["engine"], r["batch_size"], r["workers"]) for r in results.values()] == list(benchmark.ENGINE_SETUPS)
+    images = report["settings"]["images"]
+    for name, result in results.items():
+        assert result["images"] == images, name  # every engine labelled every image
+        for field in ("seconds", "images_per_s", "steady_images_per_s", "images_per_s_per_core"):
+            assert _finite_positive(result[field]), f"{name}.{field} = {result.get(field)!r}"
+        assert result["images_per_s"] == pytest.approx(images / result["seconds"])
+    ray_results = [r for r in results.values() if r["engine"] == "ray"]
+    for result in ray_results:  # each worker gets its share of the cores, none more
+        assert result["cores"] == max(1, os.cpu_count() // result["workers"]) * result["workers"]
+        assert 0 < result["first_chunk_s"] <= result["seconds"] and result["steady_images"] < images
+        assert len(result["models_loaded"]) == 1 and Path(result["models_loaded"][0]).is_dir()
+    assert json.loads(Path(report["json_path"]).read_text())["results"].keys() == results.keys()
+    assert all(name in report["table"] for name in results)

@@ -666,6 +666,9 @@ def run_engine_throughput(
     Writes ``benchmarks/results/engines-<model>.json`` (or ``output``) and returns the report with its table."""
     import gc
 
+    from helpers.ray_engine import keep_local_cluster_on_loopback
+
+    keep_local_cluster_on_loopback()
     import ray
 
     images = images or (6 if quick else 16)

@@ -58,10 +58,35 @@ from helpers.batch import (
     write_run_summary,
 )
 
-__all__ = ["TASK_RETRIES", "ConvertedModelInfo", "LabelWorker", "actor_ov_config", "label_on_ray"]
+__all__ = [
+    "TASK_RETRIES",
+    "ConvertedModelInfo",
+    "LabelWorker",
+    "actor_ov_config",
+    "keep_local_cluster_on_loopback",
+    "label_on_ray",
+]
 
 #: How often Ray runs a chunk again on a restarted actor after its worker process died.
 TASK_RETRIES = 2
+
+
+#: Ray reads this when it is imported: "0" makes a local cluster bind to 127.0.0.1 instead of the machine's network
+#: address (Ray's own switch, named for macOS and Windows, where loopback is its default).
+LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def keep_local_cluster_on_loopback() -> bool:
+    """Make a local Ray cluster started later by this process listen on 127.0.0.1 only, not on the network.
+
+    Must run before ``import ray`` (Ray reads the switch once); returns False when Ray was imported already and the
+    choice is Ray's defaults. A cluster you join with ``--ray-address`` is not affected. Sets one environment
+    variable of this process (inherited by the cluster it starts), which is why it is a call, not an import effect.
+    """
+    if "ray" in sys.modules:
+        return os.environ.get(LOOPBACK_SWITCH) == "0"
+    os.environ.setdefault(LOOPBACK_SWITCH, "0")
+    return True
 
 
 def actor_ov_config(cpus: int, ov_config: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -146,6 +171,8 @@ class LabelWorker:
 def _ray_cluster(address: str | None, num_cpus: int) -> Iterator[Any]:
     """Connect to ``address`` (an existing cluster, or ``auto``), start a local cluster of ``num_cpus`` CPUs, or use
     the cluster this process already joined (left running: it is the caller's)."""
+    if not address:
+        keep_local_cluster_on_loopback()  # a laptop's cluster serves this machine only
     import ray
     import ray.data  # noqa: F401 - ray.data.* below
 

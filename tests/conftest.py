@@ -45,6 +45,9 @@ def pytest_configure(config: pytest.Config) -> None:
     models go to ``build/test-models/converted``; the device is the CPU; ``FLORENCE2_QUICK=1`` asks lessons for their
     small form.
     """
+    from helpers.ray_engine import keep_local_cluster_on_loopback
+
+    keep_local_cluster_on_loopback()  # every Ray cluster a test or a lesson's kernel starts listens on 127.0.0.1 only
     test_models = Path(__file__).resolve().parent.parent / "build" / "test-models"
     if not os.environ.get("FLORENCE2_MODEL"):
         tiny_dir = test_models / "tiny-florence2"

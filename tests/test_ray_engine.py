@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers.ray_engine import keep_local_cluster_on_loopback  # noqa: E402
+
+keep_local_cluster_on_loopback()  # before Ray is imported: the test cluster listens on 127.0.0.1 only
 ray = pytest.importorskip("ray")
 
 from helpers.batch import process_images, read_results  # noqa: E402
@@ -32,6 +35,7 @@ FAST = {"max_new_tokens": 40}
 def cluster():
     """A local Ray cluster with 2 CPUs, shared by every test of the session."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}, "the test cluster left loopback"
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

@@ -11,9 +11,9 @@ The shipped model (``helpers/data/teaching-model``, v2) was made in three rounds
     python -m helpers.teaching.train --output build/teaching-v2 --init-from build/teaching-v1 \
         --pretrain-steps 0 --steps 1000 --seed 2 --learning-rate 1e-3 --tasks-per-scene 6 --max-minutes 80
 
-``--max-minutes`` stops a round after the step that passes a wall-clock budget (round 3 stopped at the step
-``training.json`` gives as ``steps_done``); ``--stop-after N`` repeats such a run exactly, whatever the machine's
-speed.
+``--max-minutes`` stops a round after the step that passes a wall-clock budget (round 3 finished its 1000 steps in
+73 minutes, inside it; ``training.json`` records ``steps_done``); ``--stop-after N`` repeats a run cut short by the
+budget exactly, whatever the machine's speed.
 
 What it does (each part is one function below, so a notebook can show them one at a time):
 

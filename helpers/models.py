@@ -466,7 +466,7 @@ def model_kind_notice(kind: ModelKind) -> str:
 
         tasks = teaching_tasks()
         scope = (
-            "It was trained on every Florence-2 task."
+            "It was trained on every Florence-2 task; how well it does each one is measured in lesson 12."
             if set(TASKS) <= set(tasks)
             else f"It was trained on these tasks only; other tasks give meaningless answers:\n    {' '.join(tasks)}"
         )

@@ -415,6 +415,27 @@ def teaching_tasks(folder: str | Path | None = None) -> tuple[str, ...]:
     return TEACHING_TASKS
 
 
+def teaching_shortfalls() -> dict[str, str]:
+    """Task → what the shipped teaching model measured on it, for the tasks where it misses its quality aim on
+    held-out scenes (``shortfalls`` of ``quality.json``, OpenVINO fp16; measured in ``notebooks/12_fine_tune.ipynb``).
+    Lessons print these next to the answers, so a weak answer is never passed off as a right one."""
+    import json
+
+    from helpers.teaching import TEACHING_MODEL_DIR
+
+    try:
+        results = json.loads((TEACHING_MODEL_DIR / "quality.json").read_text())["results"]
+        shortfalls = results["fp16"]["shortfalls"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    described = {}
+    for task, numbers in shortfalls.items():
+        aim = numbers.get("aim")
+        measured = ", ".join(f"{k} {v:.2f}" for k, v in numbers.items() if k != "aim" and isinstance(v, (int, float)))
+        described[task] = f"{measured} (aim {aim})"
+    return described
+
+
 def trained_tasks(model: Any) -> tuple[str, ...]:
     """The Florence-2 tasks ``model`` (a loaded model, its config or a folder, as for :func:`model_kind`) gives
     meaningful answers to: all 15 for a real checkpoint, none for random weights, the recorded list for the
@@ -444,13 +465,16 @@ def untrained_notice(model: Any, tasks: Sequence[str]) -> str:
     known = set(trained_tasks(model))
     missing = [task for task in tasks if task not in known]
     trained = [task for task in tasks if task in known]
+    weak = {task: measured for task, measured in teaching_shortfalls().items() if task in trained}
+    short = "".join(f"\n⚠️  It falls short of its aim on {task}: {measured} on held-out scenes, so an empty or wrong "
+                    "answer there is the model's limit, not your code's." for task, measured in weak.items())
     if not missing:
         which = "every task" if len(tasks) > 1 else "the task"
         return (f"✅ The teaching model was trained on {which} above, so its answers on its scene are real attempts: "
-                "check them against the picture (lesson 12's quality table says how often it is right).")
+                "check them against the picture (lesson 12's quality table says how often it is right)." + short)
     meaningless = "that answer is" if len(missing) == 1 else "those answers are"
     line = f"ℹ️  The teaching model was not trained on {', '.join(missing)}: {meaningless} meaningless"
-    return line + (f"; it was trained on {', '.join(trained)}." if trained else ".")
+    return line + (f"; it was trained on {', '.join(trained)}." if trained else ".") + short
 
 
 def model_kind_notice(kind: ModelKind) -> str:

@@ -116,7 +116,7 @@ def test_region_in_pixels_is_converted_with_box_to_loc_and_drawn(ov_tiny, photo)
         ("<REGION_TO_CATEGORY>", None, (300, 0, 100, 10), "not (left, top, right, bottom)"),
         ("<REGION_TO_CATEGORY>", "<loc_1><loc_2>", None, "exactly 4"),
         ("<CAPTION> + <CAPTION_TO_PHRASE_GROUNDING>", "a dog", None, "writes its own caption"),
-        ("<OBJECT_DETECTION>", None, None, "Unknown task"),
+        ("<OBJECT_FINDING>", None, None, "Unknown task"),
     ],
 )
 def test_bad_requests_come_back_as_messages_not_exceptions(ov_tiny, photo, task, text, region, message):

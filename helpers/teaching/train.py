@@ -50,6 +50,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,6 +62,7 @@ from helpers.teaching.scenes import (
     CATEGORIES,
     COLOURS,
     SHAPE_KINDS,
+    TEACHING_TASKS,
     WORDS,
     Scene,
     examples,
@@ -113,6 +115,9 @@ class TrainConfig:
     init_from: str | None = None
     loc_sigma: float = 6.0
     tasks_per_scene: int = 0  # 0: every example of every scene; else this many, drawn per scene and step
+    # Task tokens whose examples are always drawn, on top of ``tasks_per_scene`` others: a later round spends its
+    # steps on the tasks the quality table says are furthest from their aim.
+    focus_tasks: tuple[str, ...] = ()
 
 
 #: Each final image token predicts a SUBCELLS × SUBCELLS patch of the scene's label map during pre-training.
@@ -294,15 +299,19 @@ def dense_targets(scenes: list[Scene], grid: int) -> tuple[torch.Tensor, torch.T
     return torch.from_numpy(patches.reshape(len(scenes), grid * grid, SUBCELLS * SUBCELLS).copy()), torch.tensor(words)
 
 
-def draw_pairs(scenes: list[Scene], rng: random.Random, tasks_per_scene: int = 0) -> list[tuple[int, str, str]]:
+def draw_pairs(scenes: list[Scene], rng: random.Random, tasks_per_scene: int = 0,
+               focus_tasks: Sequence[str] = ()) -> list[tuple[int, str, str]]:  # fmt: skip
     """``(scene number, prompt, target)`` for the scenes' examples (:func:`helpers.teaching.scenes.examples`;
-    with ``tasks_per_scene``, that many of each scene's, drawn with ``rng``)."""
+    with ``tasks_per_scene``, that many of each scene's, drawn with ``rng``, plus every example of a task in
+    ``focus_tasks``)."""
     rows = []
     for i, scene in enumerate(scenes):
         pairs = examples(scene, rng)
-        if tasks_per_scene and tasks_per_scene < len(pairs):
-            pairs = rng.sample(pairs, tasks_per_scene)
-        rows.extend((i, prompt, target) for prompt, target in pairs)
+        focused = [pair for pair in pairs if pair[0].startswith(tuple(focus_tasks))] if focus_tasks else []
+        others = [pair for pair in pairs if pair not in focused]
+        if tasks_per_scene and tasks_per_scene < len(others):
+            others = rng.sample(others, tasks_per_scene)
+        rows.extend((i, prompt, target) for prompt, target in [*focused, *others])
     return rows
 
 
@@ -337,10 +346,10 @@ def make_batch(scenes: list[Scene], processor, rng: random.Random, tasks_per_sce
 
 
 def make_length_batches(scenes: list[Scene], processor, rng: random.Random, tasks_per_scene: int = 0,
-                        buckets: int = 2) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+                        buckets: int = 2, focus_tasks: Sequence[str] = ()) -> list[dict[str, torch.Tensor]]:  # fmt: skip
     """:func:`make_batch` split into ``buckets`` batches of similar prompt + target length: a paragraph caption
     beside a one-word OCR answer would otherwise pad every row to the paragraph (measured: 2× faster steps)."""
-    rows = sorted(draw_pairs(scenes, rng, tasks_per_scene), key=lambda row: len(row[1]) + len(row[2]))
+    rows = sorted(draw_pairs(scenes, rng, tasks_per_scene, focus_tasks), key=lambda row: len(row[1]) + len(row[2]))
     size = math.ceil(len(rows) / buckets)
     return [make_batch(scenes, processor, rng, rows=rows[i : i + size]) for i in range(0, len(rows), size)]
 
@@ -504,7 +513,8 @@ def train(
         else:
             s = step - config.pretrain_steps
             scenes = [training_scene(config.seed, s * config.scenes_per_step + i) for i in range(config.scenes_per_step)]
-            batches = make_length_batches(scenes, processor, rng, config.tasks_per_scene)
+            batches = make_length_batches(scenes, processor, rng, config.tasks_per_scene,
+                                          focus_tasks=config.focus_tasks)  # fmt: skip
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(s, config)
             parts = [training_loss(model, batch, heads=heads, loc_sigma=config.loc_sigma, first_loc_id=first_loc_id)
@@ -646,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="continue from this trained model folder instead of random weights")  # fmt: skip
     parser.add_argument("--tasks-per-scene", type=int, default=TrainConfig.tasks_per_scene,
                         help="examples drawn per scene and step (0: all of them)")  # fmt: skip
+    parser.add_argument("--focus", nargs="+", default=[], metavar="TASK",
+                        help="task tokens whose examples every scene always trains on (on top of --tasks-per-scene)")  # fmt: skip
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="wall-clock budget: stop (and save) after the step that passes it")  # fmt: skip
     parser.add_argument("--stop-after", type=int, default=None,
@@ -659,8 +671,11 @@ def main(argv: list[str] | None = None) -> int:
         learning_rate=args.learning_rate, warmup_steps=min(TrainConfig.warmup_steps, max(1, args.steps // 10)),
         threads=args.threads, pretrain_steps=args.pretrain_steps, aux_weight=args.aux_weight,
         init_from=str(args.init_from) if args.init_from else None, loc_sigma=args.loc_sigma,
-        tasks_per_scene=args.tasks_per_scene,
+        tasks_per_scene=args.tasks_per_scene, focus_tasks=tuple(args.focus),
     )  # fmt: skip
+    unknown = [task for task in args.focus if task not in TEACHING_TASKS]
+    if unknown:
+        parser.error(f"--focus: {', '.join(unknown)} not a teaching task; choose from {', '.join(TEACHING_TASKS)}")
     if args.max_minutes is not None and args.max_minutes <= 0:
         parser.error("--max-minutes must be positive")
     if args.stop_after is not None and args.stop_after < 1:

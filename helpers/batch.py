@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fnmatch
 import hashlib
 import json
 import os
@@ -52,6 +51,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from helpers.image_sources import glob_match, is_uri, list_uri_images, open_uri_image, uri_sha256
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -111,7 +112,10 @@ def _is_glob(text: str) -> bool:
 
 
 def is_batch_source(source: str | Path) -> bool:
-    """True for a folder, or a glob pattern (``*``, ``?``, ``[``) that is not itself an existing file."""
+    """True for a folder, a glob pattern (``*``, ``?``, ``[``) that is not itself an existing file, or a URI
+    (``s3://bucket/photos/`` …, see :mod:`helpers.image_sources`)."""
+    if is_uri(source):
+        return True
     path = Path(source).expanduser()
     return path.is_dir() or (_is_glob(str(source)) and not path.is_file())
 
@@ -157,35 +161,23 @@ def _walk_files(root: Path, *, recursive: bool) -> Iterator[Path]:
                 continue
 
 
-def _glob_match(pattern: Sequence[str], parts: Sequence[str]) -> bool:
-    """Whether relative path ``parts`` match glob ``pattern`` parts as :func:`glob.glob` would (``**`` is any number
-    of folders; names starting with ``.`` match only a pattern part that starts with ``.``)."""
-    if not pattern:
-        return not parts
-    head = pattern[0]
-    if head == "**":
-        return any(
-            _glob_match(pattern[1:], parts[skip:]) for skip in range(len(parts) + 1)
-            if not any(part.startswith(".") for part in parts[:skip])
-        )  # fmt: skip
-    if not parts or (parts[0].startswith(".") and not head.startswith(".")):
-        return False
-    return fnmatch.fnmatchcase(parts[0], head) and _glob_match(pattern[1:], parts[1:])
-
-
 def _glob_files(pattern: str) -> tuple[Path, list[Path]]:
     """Like ``glob.glob(pattern, recursive=True)`` for files, without following a symlink loop more than once."""
     root = _glob_root(pattern)
     parts = Path(pattern).expanduser().parts[len(root.parts) if root != Path(".") else 0 :]
     walk = _walk_files(root, recursive=len(parts) > 1)
-    return root, sorted(path for path in walk if _glob_match(parts, path.relative_to(root).parts))
+    return root, sorted(path for path in walk if glob_match(parts, path.relative_to(root).parts))
 
 
-def find_images(source: str | Path, *, recursive: bool = False) -> tuple[Path, list[Path]]:
+def find_images(source: str | Path, *, recursive: bool = False) -> tuple[Path | str, list[Path] | list[str]]:
     """``(root, image paths)`` for a folder (files with an image suffix, sorted; ``recursive`` descends into
-    sub-folders) or a glob (every file it matches, sorted; ``**`` works). Symlink loops are visited once. Raises
-    ``ValueError`` when nothing is found. Taught in the README ("Use it in your own project")."""
+    sub-folders) or a glob (every file it matches, sorted; ``**`` works). Symlink loops are visited once. A URI
+    (``s3://…``, ``gs://…``, ``file://…``) gives its root and image URIs as strings
+    (:func:`helpers.image_sources.list_uri_images`). Raises ``ValueError`` when nothing is found. Taught in the
+    README ("Use it in your own project")."""
     text = str(source)
+    if is_uri(text):
+        return list_uri_images(text, IMAGE_SUFFIXES, recursive=recursive)
     path = Path(text).expanduser()
     if path.is_dir():
         root = path
@@ -206,7 +198,9 @@ def find_images(source: str | Path, *, recursive: bool = False) -> tuple[Path, l
     return root, files
 
 
-def _key(path: Path, root: Path) -> str:
+def _key(path: Path | str, root: Path | str) -> str:
+    if isinstance(path, str):  # a URI below a URI root
+        return path[len(root) :].lstrip("/") if path.startswith(str(root)) else path
     try:
         return path.relative_to(root).as_posix()
     except ValueError:
@@ -214,7 +208,9 @@ def _key(path: Path, root: Path) -> str:
 
 
 def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes: what identifies an image across renames and reruns."""
+    """The SHA-256 of a file's bytes (a path or a URI): what identifies an image across renames and reruns."""
+    if is_uri(path):
+        return uri_sha256(str(path))
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -487,11 +483,11 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             if old.get(name) != new.get(name)]  # fmt: skip
 
 
-def check_output_folder(out: Path, root: Path, request: BatchRequest, *, update: bool) -> None:
+def check_output_folder(out: Path, root: Path | str, request: BatchRequest, *, update: bool) -> None:
     """Refuse (``RequestMismatchError``) an output folder written for other images or other settings, naming each
     difference; with ``update`` accept it and record this request. Writes ``request.json``."""
     saved = _read_request_file(out)
-    images = str(root.resolve())
+    images = root if isinstance(root, str) else str(root.resolve())
     if saved is None and (out / RESULTS_FILE).exists() and (out / RESULTS_FILE).stat().st_size and not update:
         raise RequestMismatchError(
             f"{out / RESULTS_FILE} was written by an older version, without a record of what was asked. Rerun with "
@@ -557,7 +553,7 @@ class BatchSummary:
 
 
 def plan_batch(
-    root: Path, files: Sequence[Path], records: dict[str, dict[str, Any]], request: BatchRequest,
+    root: Path | str, files: Sequence[Path | str], records: dict[str, dict[str, Any]], request: BatchRequest,
     summary: BatchSummary, *, retry_errors: bool = False,
 ) -> list[ImageJob]:  # fmt: skip
     """The images of ``files`` that need work, each with the tasks it still needs: new images, new tasks, images
@@ -570,7 +566,7 @@ def plan_batch(
         try:
             sha = file_sha256(path)
             hash_error = None
-        except OSError as error:
+        except (OSError, ValueError) as error:  # ValueError: a URI that can no longer be opened
             sha, hash_error = None, f"{type(error).__name__}: {error}"
         previous = records.get(key)
         if previous is None:
@@ -630,6 +626,7 @@ class _Work:
     results: dict[str, Any] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     cause: str = "request"
+    sha256: str | None = None  # of the bytes answered, when read in the same go as the pixels (URIs)
 
 
 def _answer_task(work: list[_Work], model: Any, processor: Any, task: str, request: BatchRequest) -> None:
@@ -662,7 +659,11 @@ def answer_chunk(
             item.cause = "image"
             continue
         try:
-            item.picture = load_image(item.job.path)
+            if is_uri(item.job.path):  # one read: the record's hash is that of the bytes answered
+                picture, item.sha256 = open_uri_image(item.job.path)
+                item.picture = load_image(picture)
+            else:
+                item.picture = load_image(item.job.path)
         except Exception as error:  # noqa: BLE001 - unreadable files are reported, not fatal
             item.errors.append(f"{type(error).__name__}: {error}")
             item.cause = "image"
@@ -681,7 +682,7 @@ def answer_chunk(
 
 def _record(item: _Work, request: BatchRequest) -> dict[str, Any]:
     job = item.job
-    record: dict[str, Any] = {"file": job.key, "sha256": job.sha256}
+    record: dict[str, Any] = {"file": job.key, "sha256": item.sha256 or job.sha256}
     size = item.picture.size if item.picture is not None else job.size
     if size is not None:
         record["width"], record["height"] = size

@@ -182,6 +182,26 @@ def test_a_worker_killed_mid_chunk_loses_nothing(cluster, tmp_path) -> None:
     assert all("error" not in r for r in records.values())
 
 
+@pytest.mark.slow
+def test_a_uri_source_is_read_by_the_actors_themselves(cluster, tmp_path) -> None:
+    """A ``file://`` URI goes through pyarrow's filesystem layer (the code path of s3:// and gs://) on each actor,
+    and gives the answers the one-process engine gives for the same URI."""
+    from helpers.models import load_model
+
+    folder = scene_folder(tmp_path / "scenes", 3)
+    uri = folder.as_uri() + "/*.png"
+    model, processor = load_model(MODEL, "fp16", "CPU")
+    process_images(model, processor, uri, "<OD>", tmp_path / "local", batch_size=2, progress=False, **FAST)
+    label_on_ray(MODEL, uri, "<OD>", tmp_path / "ray", workers=2, batch_size=2, progress=False, **FAST)
+    expected, _ = read_results(tmp_path / "local" / "results.jsonl")
+    records, _ = read_results(tmp_path / "ray" / "results.jsonl")
+    assert sorted(records) == sorted(expected) == [f"scene_{i:03d}.png" for i in range(3)]
+    for name, record in records.items():
+        assert record["sha256"] == expected[name]["sha256"]
+        assert record["results"]["<OD>"]["bboxes"] == expected[name]["results"]["<OD>"]["bboxes"]
+    assert json.loads((tmp_path / "ray" / "request.json").read_text())["images"] == folder.as_uri()
+
+
 def test_engine_options_take_values_and_are_checked(tmp_path) -> None:
     from helpers.batch import main, wants_batch
 

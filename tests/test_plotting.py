@@ -1,4 +1,4 @@
-"""helpers.plotting: what gets drawn where, robustness on any model output, and the matplotlib wrapper."""
+"""helpers.outputs.plotting: what gets drawn where, robustness on any model output, and the matplotlib wrapper."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from helpers.plotting import ANSWER_KINDS, PALETTE, answer_kind, draw_answer, plot_answer
+from helpers.outputs.plotting import ANSWER_KINDS, PALETTE, answer_kind, draw_answer, plot_answer
 
 GREY = (128, 128, 128)
 SIZE = (200, 150)
@@ -277,7 +277,7 @@ def test_long_and_unicode_labels_are_drawn_within_the_image(grey: Image.Image) -
 
 def test_real_post_processed_answers(grey: Image.Image, tmp_path: Path) -> None:
     """Answers straight from transformers' Florence2Processor.post_process_generation are drawn."""
-    from helpers.tiny import build_processor, build_tokenizer
+    from helpers.course.tiny import build_processor, build_tokenizer
 
     processor = build_processor(build_tokenizer(tmp_path), 768)
     loc = "<loc_250><loc_250><loc_750><loc_750>"

@@ -1,4 +1,4 @@
-"""helpers.tasks: the task table, prompts, regions, image loading and running tasks on the tiny PyTorch model."""
+"""helpers.tasks.run: the task table, prompts, regions, image loading and running tasks on the tiny PyTorch model."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from helpers.tasks import (
+from helpers.tasks.run import (
     ANSWER_KEYS,
     CASCADED_TASKS,
     FAMILY_NOTEBOOKS,

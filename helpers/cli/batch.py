@@ -12,7 +12,7 @@ Every image gets one line in ``OUTPUT_DIR/results.jsonl``::
 ``file`` is relative to the folder (or to the fixed part of the glob); ``sha256`` is the image file's content hash;
 ``requests`` holds, per task, the key of what was asked (:meth:`BatchRequest.key`: task, text input, model and the
 hash of its weights, weight format, generation settings, scores). Box, polygon and OCR answers carry the confidence
-scores of :mod:`helpers.scores` (``--no-scores`` to skip them). An image that cannot be read or answered gets
+scores of :mod:`helpers.outputs.scores` (``--no-scores`` to skip them). An image that cannot be read or answered gets
 ``"error": "..."`` and ``"error_cause"`` (``"image"``: the file could not be read; ``"request"``: answering failed)
 with the answers that did succeed, and the run goes on.
 
@@ -28,13 +28,13 @@ command again and it answers exactly what is missing: new images, tasks added si
 (a different ``sha256``), images that failed because of the request (retried by default). Images that failed
 because the file could not be read are skipped and listed; ``--retry-errors`` tries them again. A half-written last
 line left by a killed run is removed. One run at a time writes an output folder (a lock file, ``.lock``; the lock
-of a run that died is taken over). ``--coco`` writes ``coco.json`` from all lines (:func:`helpers.export.to_coco`),
+of a run that died is taken over). ``--coco`` writes ``coco.json`` from all lines (:func:`helpers.outputs.export.to_coco`),
 ``--draw`` saves ``drawings/<file>.<TASK>.png``.
 
 The steps are public functions, so another engine can run them: :func:`plan_batch` (which images and tasks are
 pending), :func:`answer_chunk` (answer some of them → records), :func:`append_records`, :func:`write_coco` and
 :func:`draw_record`, inside :func:`output_lock`. ``--engine ray --workers N`` does that on Ray Data
-(:mod:`helpers.ray_engine`); both engines write ``summary.json`` (engine, images/second, the model that ran).
+(:mod:`helpers.cli.ray_engine`); both engines write ``summary.json`` (engine, images/second, the model that ran).
 
 Taught in ``notebooks/11_speed.ipynb`` (batches) and the README ("Use it in your own project").
 """
@@ -299,7 +299,7 @@ def append_records(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
 
 def write_coco(results_path: str | Path, coco_path: str | Path) -> None:
     """Write ``coco.json`` from every record of a results JSONL (atomically: a half-written file never stays)."""
-    from helpers.export import to_coco
+    from helpers.outputs.export import to_coco
 
     records, _ = read_results(results_path)
     dataset = to_coco(sorted(records.values(), key=lambda r: r["file"]))
@@ -355,7 +355,7 @@ def output_lock(output_dir: str | Path) -> Iterator[Path]:
 
 
 def _pid_file_lock(path: Path) -> Iterator[Path]:
-    from helpers.conversion import pid_alive
+    from helpers.convert.conversion import pid_alive
 
     for _ in range(2):
         try:
@@ -434,7 +434,7 @@ class BatchRequest:
 
     def settings(self, task: str) -> dict[str, Any]:
         """What one task's answers depend on (besides the image); compared with an output folder's request.json."""
-        from helpers.tasks import SCORED_TASKS, TASKS
+        from helpers.tasks.run import SCORED_TASKS, TASKS
 
         return {
             **self.model,
@@ -458,7 +458,7 @@ def make_request(
 ) -> BatchRequest:
     """Check a batch request before any image (task names, text input, ``max_new_tokens``, ``num_beams``,
     ``min_new_tokens``) and return it; raises ``ValueError`` naming the problem."""
-    from helpers.tasks import TASKS, build_prompt, check_generate_kwargs, resolve_task
+    from helpers.tasks.run import TASKS, build_prompt, check_generate_kwargs, resolve_task
 
     if isinstance(tasks, str):
         tasks = [tasks]
@@ -611,11 +611,11 @@ def _task_file_name(task: str) -> str:
 
 
 def _run_batch(model: Any, processor: Any, pictures: list[Any], task: str, request: BatchRequest) -> list[Any]:
-    from helpers.tasks import SCORED_TASKS, TASKS, run_tasks_batch
+    from helpers.tasks.run import SCORED_TASKS, TASKS, run_tasks_batch
 
     text = request.text_input if TASKS[task].needs_text else None
     if request.scores and task in SCORED_TASKS:
-        from helpers.scores import run_tasks_batch_with_scores  # needs torch: imported only when scores are asked for
+        from helpers.outputs.scores import run_tasks_batch_with_scores  # needs torch: imported only when scores are asked for
 
         outputs = run_tasks_batch_with_scores(model, processor, pictures, task, text, **request.generate_kwargs)
     else:
@@ -653,7 +653,7 @@ def answer_chunk(
     """Answer ``jobs`` (a few images: one ``generate`` call per task) and return one record per image, ready for
     :func:`append_records`. A file that cannot be read gets ``error_cause: "image"``; a failed answer
     ``"request"``. ``drawings`` saves a drawing of every new answer there."""
-    from helpers.tasks import load_image
+    from helpers.tasks.run import load_image
 
     work = [_Work(job) for job in jobs]
     for item in work:
@@ -696,7 +696,7 @@ def _record(item: _Work, request: BatchRequest) -> dict[str, Any]:
 def draw_record(picture: Any, key: str, results: dict[str, Any], folder: Path) -> list[str]:
     """Save ``folder/<key>.<task>.png`` for every answer in ``results``; returns the errors (a failed drawing never
     loses its answer)."""
-    from helpers.plotting import draw_answer
+    from helpers.outputs.plotting import draw_answer
 
     errors = []
     for task, answer in results.items():
@@ -733,7 +733,7 @@ def process_images(
     Resumes as the module docstring says: a rerun answers exactly what is missing or different. An output folder
     written for other images or settings raises :class:`RequestMismatchError` naming the differences (``update``
     answers those images again instead); a folder another run is writing raises :class:`BatchLockedError`.
-    ``text_input`` goes to the tasks that need one. ``scores`` adds :mod:`helpers.scores` confidences to
+    ``text_input`` goes to the tasks that need one. ``scores`` adds :mod:`helpers.outputs.scores` confidences to
     box/polygon/OCR answers; ``coco`` writes ``coco.json``; ``draw`` saves drawings. ``generate_kwargs``
     (``max_new_tokens``, ``num_beams`` …) go to ``generate`` and are checked before the first image.
     """
@@ -800,8 +800,8 @@ def wants_batch(argv: Sequence[str]) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from helpers.conversion import WEIGHT_FORMATS
-    from helpers.models import DEFAULT_DEVICE, model_from_env
+    from helpers.convert.conversion import WEIGHT_FORMATS
+    from helpers.course.checkpoints import DEFAULT_DEVICE, model_from_env
 
     parser = argparse.ArgumentParser(
         prog="python -m helpers FOLDER_OR_GLOB",
@@ -832,7 +832,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reconvert", action="store_true",
                         help="convert the model again over its cached conversion (repairs a damaged one)")  # fmt: skip
     parser.add_argument("--engine", choices=("local", "ray"), default="local",
-                        help="local: one process (default); ray: Ray Data actors, see helpers/ray_engine.py")  # fmt: skip
+                        help="local: one process (default); ray: Ray Data actors, see helpers/cli/ray_engine.py")  # fmt: skip
     parser.add_argument("--workers", type=int, default=2, help="--engine ray: model-holding actors (default: 2)")
     parser.add_argument("--ray-address", default=None,
                         help="--engine ray: an existing cluster (e.g. auto, ray://head:10001); default: start a "
@@ -845,7 +845,7 @@ def _run_local(args: argparse.Namespace, tasks: list[str], options: dict[str, An
     """The one-process engine, timed (model loading apart), with ``summary.json`` beside the results."""
     import time
 
-    from helpers.models import load_model
+    from helpers.course.checkpoints import load_model
 
     model, processor = load_model(args.model, args.weight_format, args.device, reconvert=args.reconvert)
     started = time.perf_counter()
@@ -868,13 +868,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:
         print("error: --out saves one drawing; for a folder use --output-dir DIR --draw.", file=sys.stderr)
         return 2
-    from helpers.tasks import check_generate_kwargs
+    from helpers.tasks.run import check_generate_kwargs
 
     generate_kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
     if args.num_beams is not None:
         generate_kwargs["num_beams"] = args.num_beams
     tasks = args.task or ["<CAPTION>"]
-    from helpers.ov_model import TORCH_AVAILABLE
+    from helpers.runtime.ov_model import TORCH_AVAILABLE
 
     scores = not args.no_scores and TORCH_AVAILABLE
     if not args.no_scores and not TORCH_AVAILABLE:
@@ -887,7 +887,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_generate_kwargs(None, generate_kwargs)  # a mistyped setting fails before the model loads
         find_images(args.source, recursive=args.recursive)  # so does a wrong path
         if args.engine == "ray":
-            from helpers.ray_engine import label_on_ray
+            from helpers.cli.ray_engine import label_on_ray
 
             summary = label_on_ray(args.model, args.source, tasks, args.output_dir, workers=args.workers,
                                    ray_address=args.ray_address, weight_format=args.weight_format,

@@ -3,7 +3,7 @@
     python -m helpers IMAGE --task "<OD>" [--text ...] [--model ID_OR_DIR|tiny] [--device CPU]
                       [--weight-format fp16] [--out annotated.png]
     python -m helpers FOLDER_OR_GLOB --task "<OD>" [--task "<CAPTION>"] --output-dir out/ [--coco] [--draw]
-                      [--batch-size 4]      (batch mode: see helpers/batch.py, or python -m helpers FOLDER -h)
+                      [--batch-size 4]      (batch mode: see helpers/cli/batch.py, or python -m helpers FOLDER -h)
 
 The model is converted on first use and cached under ``FLORENCE2_MODELS_DIR`` (default ``models/``).
 Standard output carries only the answer, as JSON (``python -m helpers photo.jpg --task od > answer.json`` works on a
@@ -20,12 +20,12 @@ import sys
 import time
 from pathlib import Path
 
-from helpers.conversion import WEIGHT_FORMATS
-from helpers.models import DEFAULT_DEVICE, load_model, model_from_env
+from helpers.convert.conversion import WEIGHT_FORMATS
+from helpers.course.checkpoints import DEFAULT_DEVICE, load_model, model_from_env
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from helpers.batch import build_parser as build_batch_parser
+    from helpers.cli.batch import build_parser as build_batch_parser
 
     batch_options = build_batch_parser().format_help().split("\n\n", 2)[-1]  # its options, without usage line
     parser = argparse.ArgumentParser(
@@ -70,15 +70,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str], answer_stream) -> int:
-    from helpers.batch import wants_batch
+    from helpers.cli.batch import wants_batch
 
-    if wants_batch(argv):  # a folder or glob: JSONL over every image (helpers/batch.py)
-        from helpers.batch import main as batch_main
+    if wants_batch(argv):  # a folder or glob: JSONL over every image (helpers/cli/batch.py)
+        from helpers.cli.batch import main as batch_main
 
         return batch_main(argv)
     args = build_parser().parse_args(argv)
-    from helpers.plotting import draw_answer
-    from helpers.tasks import load_image, run_task
+    from helpers.outputs.plotting import draw_answer
+    from helpers.tasks.run import load_image, run_task
 
     try:
         image = load_image(args.image)
@@ -100,6 +100,3 @@ def _run(argv: list[str], answer_stream) -> int:
         print(f"drawing saved to {args.out}", file=sys.stderr)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

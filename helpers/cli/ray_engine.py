@@ -4,11 +4,11 @@
     python -m helpers photos/ --task "<OD>" --output-dir out/ --engine ray --workers 8 --ray-address auto
 
 The driver (this process) decides what is missing exactly as the one-process engine does (the same request,
-output-folder check, lock and :func:`helpers.batch.plan_batch`), cuts it into the same chunks of ``batch_size``
+output-folder check, lock and :func:`helpers.cli.batch.plan_batch`), cuts it into the same chunks of ``batch_size``
 images, and hands the chunks to Ray Data. ``map_batches`` runs :class:`LabelWorker`, a stateful actor class:
 each actor loads the converted model once, with ``INFERENCE_NUM_THREADS`` equal to its CPUs and
 ``ENABLE_CPU_PINNING`` off (OpenVINO otherwise pins every actor's threads onto the same cores), and answers a chunk
-with :func:`helpers.batch.answer_chunk`, the function the one-process engine runs. So every ``generate`` call sees the same images as it would in one process,
+with :func:`helpers.cli.batch.answer_chunk`, the function the one-process engine runs. So every ``generate`` call sees the same images as it would in one process,
 and the answers are the same, image for image.
 
 Answered chunks stream back to the driver, which alone appends them to ``results.jsonl`` (one fsync per chunk:
@@ -37,7 +37,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from helpers.batch import (
+from helpers.cli.batch import (
     COCO_FILE,
     DRAWINGS_DIR,
     RESULTS_FILE,
@@ -102,7 +102,7 @@ class ConvertedModelInfo:
     def __init__(self, model_dir: str | Path) -> None:
         from transformers import AutoConfig, GenerationConfig
 
-        from helpers.conversion import verify_conversion
+        from helpers.convert.conversion import verify_conversion
 
         self.model_dir = Path(model_dir)
         self.manifest = verify_conversion(self.model_dir, check_hashes=False)
@@ -128,7 +128,7 @@ def _drawings_in(folder: Path) -> dict[str, str]:
 
 class LabelWorker:
     """A Ray Data actor: loads the converted model once, then answers one chunk of images per call with
-    :func:`helpers.batch.answer_chunk`.
+    :func:`helpers.cli.batch.answer_chunk`.
 
     Rows are chunks, ``{"jobs": JSON list of ImageJob fields}``; an output row is ``{"records": JSON list of JSONL
     records, "drawings": JSON {path: base64 PNG}, "worker": JSON facts about the loaded model}``. The actor refuses
@@ -137,7 +137,7 @@ class LabelWorker:
 
     def __init__(self, model: str, weight_format: str, device: str, cpus: int, request: BatchRequest,
                  ov_config: dict[str, Any] | None = None, draw: bool = False) -> None:  # fmt: skip
-        from helpers.models import load_model
+        from helpers.course.checkpoints import load_model
 
         self.request, self.draw = request, draw
         self.ov_config = actor_ov_config(cpus, ov_config)
@@ -252,14 +252,14 @@ def label_on_ray(
     """Answer ``tasks`` for every image of ``source`` that ``output_dir/results.jsonl`` still lacks, on ``workers``
     Ray actors of ``cpus_per_worker`` CPUs each (default: this machine's CPUs shared out).
 
-    Same arguments, files, checks and resume rules as :func:`helpers.batch.process_images`; ``model`` is what
+    Same arguments, files, checks and resume rules as :func:`helpers.cli.batch.process_images`; ``model`` is what
     ``--model`` takes (converted here first, again over the cache with ``reconvert``; each actor loads it with
-    :func:`helpers.models.load_model`).
+    :func:`helpers.course.checkpoints.load_model`).
     ``ray_address`` joins an existing cluster; without it a local one is started and stopped (a cluster this process
     already joined is used and left running). Also writes ``summary.json``. Taught in
     ``notebooks/13_label_dataset.ipynb``.
     """
-    from helpers.models import ensure_converted
+    from helpers.course.checkpoints import ensure_converted
 
     for name, value in (("workers", workers), ("batch_size", batch_size), ("cpus_per_worker", cpus_per_worker or 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

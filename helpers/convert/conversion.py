@@ -1,5 +1,5 @@
 """Convert a Florence-2 checkpoint (transformers' native layout, or the original one via
-:mod:`helpers.original_layout`) to OpenVINO IR.
+:mod:`helpers.convert.original_layout`) to OpenVINO IR.
 
 Florence-2 is an encoder-decoder model. Running it means: encode the image once, encode the prompt once, then call
 the decoder once per generated token. So the conversion writes one IR per part, each called at its own rhythm:
@@ -14,7 +14,7 @@ decoder (stateful)   input_ids, encoder_hidden_states,          once per token; 
 ==================  =========================================  ===========================================
 
 The token-embedding table is tied to the decoder's output projection, so it is stored once, inside
-``decoder.bin``; :class:`helpers.ov_model.OVFlorence2Model` builds the small "token embeddings" model from that
+``decoder.bin``; :class:`helpers.runtime.ov_model.OVFlorence2Model` builds the small "token embeddings" model from that
 same weight when it loads.
 
 The conversion is atomic: everything is written to a temporary folder beside ``output_dir`` and renamed at the end,
@@ -45,7 +45,7 @@ MANIFEST_NAME = "manifest.json"
 #: Bump when the IR layout changes; folders written with another layout version are reconverted.
 LAYOUT_VERSION = 1
 #: Bump when the converter writes faster graphs with the same inputs, outputs and answers. Older folders still load;
-#: :func:`helpers.models.ensure_converted` reconverts them when it can. 2: DaViT layout rewrite, transposed
+#: :func:`helpers.course.checkpoints.ensure_converted` reconverts them when it can. 2: DaViT layout rewrite, transposed
 #: cross-attention keys (``benchmarks/README.md``).
 GRAPH_VERSION = 2
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
@@ -90,7 +90,7 @@ def check_model_folder(folder: Path) -> None:
     """Refuse folders that are not a Florence-2 this collection can read, before any long work starts.
 
     Two layouts are read: transformers' native one (``florence-community/Florence-2-*``) and the original one
-    (``microsoft/Florence-2-*`` and most fine-tunes, mapped as data by :mod:`helpers.original_layout`)."""
+    (``microsoft/Florence-2-*`` and most fine-tunes, mapped as data by :mod:`helpers.convert.original_layout`)."""
     if not folder.is_dir():
         raise ConversionError(f"{folder} is not a folder. Pass a Florence-2 folder or a hub id.")
     config_file = folder / "config.json"
@@ -112,7 +112,7 @@ def check_model_folder(folder: Path) -> None:
             f"{folder} holds a '{config.get('model_type')}' model, not Florence-2 (model_type 'florence2'). "
             "Use a florence-community/Florence-2-* checkpoint."
         )
-    from helpers.original_layout import is_original_layout, weight_files
+    from helpers.convert.original_layout import is_original_layout, weight_files
 
     if is_original_layout(folder):
         weight_files(folder)  # its Python files are never imported; only the weights must be there
@@ -183,7 +183,7 @@ def resolve_source(model_id_or_path: str | Path) -> Path:
             "(e.g. florence-community/Florence-2-base-ft). Check the path, or pass a hub id."
         )
     folder = _download(model_id, ["*.json", "*.safetensors", "*.txt", "*.model"])
-    from helpers.original_layout import is_original_layout
+    from helpers.convert.original_layout import is_original_layout
 
     if is_original_layout(folder) and not any(folder.glob("*.safetensors")):
         # Original-layout repositories (microsoft/Florence-2-*) may ship only pickle weights; they are read with
@@ -204,10 +204,10 @@ def _download(model_id: str, patterns: list[str]) -> Path:
 
 def load_torch_model(folder: Path):
     """Load the PyTorch model in float32, eager mode, never executing remote code. An original-layout folder is
-    mapped to the native layout first (:mod:`helpers.original_layout`, in a temporary folder)."""
+    mapped to the native layout first (:mod:`helpers.convert.original_layout`, in a temporary folder)."""
     from transformers import AutoModelForImageTextToText
 
-    from helpers.original_layout import convert_to_native, is_original_layout
+    from helpers.convert.original_layout import convert_to_native, is_original_layout
 
     if is_original_layout(folder):
         with tempfile.TemporaryDirectory(prefix="florence2-native-") as native:
@@ -797,7 +797,7 @@ def _check_writable(output_dir: Path, need_bytes: int) -> None:
 
 
 def _estimate_bytes(folder: Path, weight_format: str) -> int:
-    from helpers.original_layout import is_original_layout
+    from helpers.convert.original_layout import is_original_layout
 
     weights = sum(p.stat().st_size for p in (*folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin")))
     factor = {"fp32": 1.0, "fp16": 0.5, "int8": 0.3, "int4": 0.2}[weight_format]
@@ -842,7 +842,7 @@ def convert_florence2(
 
     ``model_id_or_path`` is a hub id (``florence-community/Florence-2-base-ft``, …) or a local folder, in
     transformers' native layout or the original one (``microsoft/Florence-2-*`` and most fine-tunes, mapped as data
-    by :mod:`helpers.original_layout`; no code from it runs). ``weight_format`` is one of ``fp32``, ``fp16``,
+    by :mod:`helpers.convert.original_layout`; no code from it runs). ``weight_format`` is one of ``fp32``, ``fp16``,
     ``int8``, ``int4``.
     A complete conversion of the same source and format is reused unless ``overwrite``; a folder that holds
     something else is never silently replaced or used, and ``overwrite=True`` replaces only an earlier conversion,
@@ -893,9 +893,9 @@ def convert_florence2(
 
 @contextlib.contextmanager
 def _native_layout(folder: Path, staging: Path, verbose: bool) -> Iterator[Path]:
-    """``folder`` itself when it is native; else its native rewrite (:mod:`helpers.original_layout`), in a folder
+    """``folder`` itself when it is native; else its native rewrite (:mod:`helpers.convert.original_layout`), in a folder
     inside ``staging`` that is deleted afterwards (a killed run's staging is cleaned up by the next one)."""
-    from helpers.original_layout import convert_to_native, is_original_layout
+    from helpers.convert.original_layout import convert_to_native, is_original_layout
 
     if not is_original_layout(folder):
         yield folder

@@ -5,7 +5,7 @@ Most Florence-2 fine-tunes are in the layout of Microsoft's first release: a ``c
 ``vision_tower…``. That code no longer runs under transformers 5, and running code shipped with a model is how a
 model folder takes over a machine. This module reads such a folder as files only — JSON, safetensors, and
 ``pytorch_model.bin`` through ``torch.load(weights_only=True)`` — and writes the same model in transformers'
-native Florence-2 layout, which :func:`helpers.conversion.convert_florence2` then converts as usual:
+native Florence-2 layout, which :func:`helpers.convert.conversion.convert_florence2` then converts as usual:
 
 * config: ``dim_embed`` → ``embed_dim``, ``image_pos_embed.max_pos_embeddings`` → ``max_position_embeddings``,
   ``visual_temporal_embedding.max_temporal_embeddings`` → ``max_temporal_embeddings``; the ``florence2_language``
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from helpers.conversion import ConversionError
+from helpers.convert.conversion import ConversionError
 
 #: What the native checkpoints pad their vocabulary to (51289 tokens + ``<image>`` → 51328 rows).
 VOCAB_MULTIPLE = 64
@@ -435,7 +435,7 @@ def build_processor(folder: Path, scratch: Path):
     """The native ``Florence2Processor`` of an original folder, built from its tokenizer and image-processor files."""
     from transformers import BartTokenizer, CLIPImageProcessorPil, Florence2Processor
 
-    from helpers.tiny import FLORENCE2_EXTRA_TOKENS, POST_PROCESSOR_CONFIG
+    from helpers.course.tiny import FLORENCE2_EXTRA_TOKENS, POST_PROCESSOR_CONFIG
 
     tokenizer_dir = scratch / "tokenizer"
     tokenizer_dir.mkdir(parents=True)
@@ -554,7 +554,7 @@ def convert_to_native(folder: str | Path, output_dir: str | Path, *, verbose: bo
     """Write the native-layout transformers checkpoint of an original-layout ``folder`` into ``output_dir``.
 
     ``output_dir`` then loads with ``Florence2ForConditionalGeneration.from_pretrained`` and ``AutoProcessor``, and
-    converts with :func:`helpers.conversion.convert_florence2` (which calls this for you). No code from ``folder``
+    converts with :func:`helpers.convert.conversion.convert_florence2` (which calls this for you). No code from ``folder``
     is imported or run. Taught in the README ("Your own fine-tuned model").
     """
     from safetensors.torch import save_file

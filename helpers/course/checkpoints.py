@@ -24,19 +24,19 @@ from typing import Any, Literal
 
 DEFAULT_MODEL = "florence-community/Florence-2-base-ft"
 DEFAULT_DEVICE = "AUTO"
-#: ``--model tiny`` / ``FLORENCE2_MODEL=tiny``: the offline random-weight model built by :mod:`helpers.tiny`.
+#: ``--model tiny`` / ``FLORENCE2_MODEL=tiny``: the offline random-weight model built by :mod:`helpers.course.tiny`.
 TINY_MODEL = "tiny"
 #: ``--model base-random``: the full Florence-2-base architecture with random weights (speed measurements offline).
 BASE_RANDOM_MODEL = "base-random"
 #: ``--model teaching`` / ``FLORENCE2_MODEL=teaching``: the small Florence-2 trained on generated shape scenes that
-#: ships in ``helpers/data/teaching-model`` (see :mod:`helpers.teaching`); real answers offline, on such scenes.
+#: ships in ``helpers/data/teaching-model`` (see :mod:`helpers.course.teaching`); real answers offline, on such scenes.
 TEACHING_MODEL = "teaching"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: What a lesson runs: a trained checkpoint, the teaching model (trained on shape scenes) or random weights.
 ModelKind = Literal["real", "teaching", "random"]
 #: Key in a model's ``config.json`` that marks the collection's own models: ``"teaching"`` (written by
-#: :func:`helpers.teaching.train.save_model`) or ``"random"`` (written by :mod:`helpers.tiny`). transformers keeps
+#: :func:`helpers.course.teaching.train.save_model`) or ``"random"`` (written by :mod:`helpers.course.tiny`). transformers keeps
 #: unknown config keys, so the mark survives ``save_pretrained`` and the conversion to OpenVINO.
 MODEL_KIND_KEY = "florence2_collection_kind"
 #: Key in a teaching model's ``config.json`` listing the tasks it was trained on (see :func:`teaching_tasks`).
@@ -82,7 +82,7 @@ def models_dir() -> Path:
 
 
 def kit_from_env() -> Path | None:
-    """The classroom kit the notebooks read converted models from: ``FLORENCE2_KIT`` (see :mod:`helpers.kit`)."""
+    """The classroom kit the notebooks read converted models from: ``FLORENCE2_KIT`` (see :mod:`helpers.course.kit`)."""
     kit = os.environ.get("FLORENCE2_KIT", "").strip()
     return Path(kit).expanduser().resolve() if kit else None
 
@@ -114,7 +114,7 @@ def hub_model_unavailable(model: str, cache_dir: Path | None = None) -> str | No
     model, the classroom kit holds it, it was converted before, it is in the Hugging Face cache, or the hub answers."""
     if model in (TINY_MODEL, BASE_RANDOM_MODEL, TEACHING_MODEL) or Path(model).expanduser().exists():
         return None
-    from helpers.kit import find_in_kit
+    from helpers.course.kit import find_in_kit
 
     kit = kit_from_env()
     if kit is not None and find_in_kit(kit, model) is not None:
@@ -194,21 +194,21 @@ def resolve_model(model: str, *, cache_dir: Path | None = None, fallback: bool =
     kit) the hub id is returned and the conversion then fails with a message that says how to get the checkpoint.
     """
     if model == TEACHING_MODEL:
-        from helpers.teaching import TEACHING_MODEL_DIR, teaching_model_available
+        from helpers.course.teaching import TEACHING_MODEL_DIR, teaching_model_available
 
         if not teaching_model_available():
             raise FileNotFoundError(
                 f"The teaching model is missing from {TEACHING_MODEL_DIR} (the package was installed without its "
-                "data?). Reinstall with `pip install -e .`, or retrain it: python -m helpers.teaching.train "
+                "data?). Reinstall with `pip install -e .`, or retrain it: python -m helpers.course.teaching.train "
                 f"--output {TEACHING_MODEL_DIR} --steps 1000 --seed 0"
             )
         return str(TEACHING_MODEL_DIR)
     if model == TINY_MODEL:
-        from helpers.tiny import make_tiny_florence2
+        from helpers.course.tiny import make_tiny_florence2
 
         return str(make_tiny_florence2((cache_dir or models_dir()) / "tiny-florence2"))
     if model == BASE_RANDOM_MODEL:
-        from helpers.tiny import make_random_florence2
+        from helpers.course.tiny import make_random_florence2
 
         return str(make_random_florence2((cache_dir or models_dir()) / "base-random-florence2", "base"))
     if not fallback or model != DEFAULT_MODEL:
@@ -216,11 +216,11 @@ def resolve_model(model: str, *, cache_dir: Path | None = None, fallback: bool =
     reason = hub_model_unavailable(model, cache_dir)
     if reason is None:
         return model
-    from helpers.teaching import teaching_model_available
+    from helpers.course.teaching import teaching_model_available
 
     fix = (
         "    To use a real model offline, download it once (`hf download <hub id>`) or use a classroom kit\n"
-        "    (FLORENCE2_KIT, see helpers/kit.py), or set FLORENCE2_MODEL to a downloaded Florence-2 folder."
+        "    (FLORENCE2_KIT, see helpers/course/kit.py), or set FLORENCE2_MODEL to a downloaded Florence-2 folder."
     )
     if teaching_model_available():
         print(
@@ -281,7 +281,7 @@ def ensure_converted(
     The cached folder is checked against its manifest (hashes the first time it is used and whenever a file
     changed); a damaged one is refused with the file named and the repair: ``reconvert=True`` converts again.
     """
-    from helpers.conversion import (
+    from helpers.convert.conversion import (
         GRAPH_VERSION,
         MANIFEST_NAME,
         IncompleteConversionError,
@@ -292,7 +292,7 @@ def ensure_converted(
 
     kit = kit_from_env()
     if kit is not None and cache_dir is None and not reconvert:
-        from helpers.kit import find_in_kit
+        from helpers.course.kit import find_in_kit
 
         held = find_in_kit(kit, model_id_or_path, weight_format)
         if held is not None:
@@ -320,7 +320,7 @@ def ensure_converted(
 def _use_conversion_as_is(folder: Path, weight_format: str) -> Path:
     """A folder that already holds an OpenVINO conversion (what a torch-free deployment ships): verified, then used
     in the weight format it holds — converting it to another one would need its PyTorch source and torch."""
-    from helpers.conversion import verify_conversion
+    from helpers.convert.conversion import verify_conversion
 
     manifest = verify_conversion(folder, check_hashes="once")
     held = manifest.get("weight_format")
@@ -333,7 +333,7 @@ def _use_conversion_as_is(folder: Path, weight_format: str) -> Path:
 def _upgrade_conversion(model: str, folder: Path, weight_format: str) -> Path:
     """Reconvert a folder written by an older converter (same answers, slower graphs); keep it when the source is
     out of reach (offline, deleted). The conversion is atomic, so a failed attempt leaves the old folder intact."""
-    from helpers.conversion import ConversionError, convert_florence2
+    from helpers.convert.conversion import ConversionError, convert_florence2
 
     print(f"ℹ️  {folder} was converted by an older version of this collection; converting again for speed …")
     try:
@@ -352,12 +352,12 @@ def load_model(
     reconvert: bool = False,
     **model_kwargs,
 ):
-    """Convert if needed, then return ``(OVFlorence2Model, processor)`` ready for :func:`helpers.tasks.run_task`.
+    """Convert if needed, then return ``(OVFlorence2Model, processor)`` ready for :func:`helpers.tasks.run.run_task`.
     ``reconvert=True`` converts again over the cached folder (the repair for a damaged one)."""
     from transformers import AutoProcessor
 
-    from helpers.conversion import IncompleteConversionError
-    from helpers.ov_model import OVFlorence2Model
+    from helpers.convert.conversion import IncompleteConversionError
+    from helpers.runtime.ov_model import OVFlorence2Model
 
     folder = ensure_converted(model_id_or_path, weight_format, reconvert=reconvert)
     model = OVFlorence2Model(folder, device=device, ov_config=ov_config, **model_kwargs)
@@ -395,13 +395,13 @@ def model_kind(model: Any) -> ModelKind:
 def teaching_tasks(folder: str | Path | None = None) -> tuple[str, ...]:
     """The tasks the teaching model in ``folder`` (default: the shipped one) was trained on, as recorded with it:
     ``florence2_trained_tasks`` in its ``config.json``, else ``tasks`` in its ``training.json`` (of ``folder``, then
-    of the shipped model), else the six tasks of the first teaching model (:data:`helpers.teaching.scenes.TEACHING_TASKS`, which recorded neither). Lessons
+    of the shipped model), else the six tasks of the first teaching model (:data:`helpers.course.teaching.scenes.TEACHING_TASKS`, which recorded neither). Lessons
     print their caveats from this list, so they disappear for tasks a retrained model learned.
     Taught in ``notebooks/04_captioning.ipynb``."""
     import json
 
-    from helpers.teaching import TEACHING_MODEL_DIR
-    from helpers.teaching.scenes import TEACHING_TASKS
+    from helpers.course.teaching import TEACHING_MODEL_DIR
+    from helpers.course.teaching.scenes import TEACHING_TASKS
 
     folders = [Path(folder)] if folder is not None else []
     for place in [*folders, TEACHING_MODEL_DIR]:  # a converted copy may lack training.json: the shipped one has it
@@ -421,7 +421,7 @@ def teaching_shortfalls() -> dict[str, str]:
     Lessons print these next to the answers, so a weak answer is never passed off as a right one."""
     import json
 
-    from helpers.teaching import TEACHING_MODEL_DIR
+    from helpers.course.teaching import TEACHING_MODEL_DIR
 
     try:
         results = json.loads((TEACHING_MODEL_DIR / "quality.json").read_text())["results"]
@@ -440,7 +440,7 @@ def trained_tasks(model: Any) -> tuple[str, ...]:
     """The Florence-2 tasks ``model`` (a loaded model, its config or a folder, as for :func:`model_kind`) gives
     meaningful answers to: all 15 for a real checkpoint, none for random weights, the recorded list for the
     teaching model (see :func:`teaching_tasks`; a converted teaching model carries its config's list)."""
-    from helpers.tasks import TASKS
+    from helpers.tasks.run import TASKS
 
     kind = model_kind(model)
     if kind == "real":
@@ -486,7 +486,7 @@ def model_kind_notice(kind: ModelKind) -> str:
             "    For real answers, set FLORENCE2_MODEL to a Florence-2 checkpoint (hub online, or a downloaded folder)."
         )
     if kind == "teaching":
-        from helpers.tasks import TASKS
+        from helpers.tasks.run import TASKS
 
         tasks = teaching_tasks()
         scope = (

@@ -5,12 +5,12 @@ a folder holding converted models (OpenVINO IR + processor files, no PyTorch wei
 and a manifest; the notebooks use it when ``FLORENCE2_KIT`` points at it:
 
     hf download florence-community/Florence-2-base-ft     # once, where the hub is reachable (or any local folder)
-    python -m helpers.kit build classroom-kit --model florence-community/Florence-2-base-ft
+    python -m helpers.course.kit build classroom-kit --model florence-community/Florence-2-base-ft
     # copy classroom-kit/ to each laptop, then:
     FLORENCE2_KIT=/media/usb/classroom-kit FLORENCE2_MODEL=florence-community/Florence-2-base-ft make run
 
 Building needs the checkpoint: a local folder, the Hugging Face cache (works offline) or the hub. Using a kit needs
-no network and no Hugging Face cache: :func:`helpers.models.ensure_converted` takes a model from the kit before
+no network and no Hugging Face cache: :func:`helpers.course.checkpoints.ensure_converted` takes a model from the kit before
 converting anything, in the weight format a lesson asks for when the kit holds it, else in the one it holds.
 Taught in ``notebooks/00_setup.ipynb``.
 """
@@ -40,7 +40,7 @@ def build_kit(
     ``models`` are hub ids, local folders or ``tiny``. Returns the kit folder (or the ``.tar`` archive next to it
     when ``archive``).
     """
-    from helpers import models as model_registry
+    from helpers.course import checkpoints as model_registry
 
     kit = Path(output_dir).expanduser().resolve()
     (kit / "models").mkdir(parents=True, exist_ok=True)
@@ -51,7 +51,7 @@ def build_kit(
             folder = model_registry.ensure_converted(model, weight_format, cache_dir=kit / "models", fallback=False)
             entries.append({"model": model, "weight_format": weight_format, "path": str(folder.relative_to(kit))})
     if include_samples:
-        from helpers.samples import sample_path
+        from helpers.course.samples import sample_path
 
         images = sample_path("shapes").parent
         shutil.copytree(images, kit / "images", dirs_exist_ok=True)
@@ -78,7 +78,7 @@ def read_kit(kit_dir: str | Path) -> dict:
     if not manifest.exists():
         raise FileNotFoundError(
             f"{kit_dir} is not a classroom kit (no {KIT_MANIFEST}). Build one with "
-            "`python -m helpers.kit build <folder> --model <hub id>` on a machine with internet."
+            "`python -m helpers.course.kit build <folder> --model <hub id>` on a machine with internet."
         )
     return json.loads(manifest.read_text())
 
@@ -87,8 +87,8 @@ def find_in_kit(kit_dir: str | Path, model: str, weight_format: str | None = Non
     """The kit's conversion of ``model`` (as typed when the kit was built, or the same local folder's content), or
     ``None`` when the kit does not hold it. ``weight_format`` is preferred; when the kit holds the model in other
     formats only, the first of them is returned and a note on stderr says which one is used instead."""
-    from helpers.conversion import is_converted
-    from helpers.models import converted_dir
+    from helpers.convert.conversion import is_converted
+    from helpers.course.checkpoints import converted_dir
 
     kit = Path(kit_dir).expanduser().resolve()
     held = {}
@@ -111,7 +111,7 @@ def find_in_kit(kit_dir: str | Path, model: str, weight_format: str | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m helpers.kit", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m helpers.course.kit", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="convert models into a kit folder")
     build.add_argument("output_dir")

@@ -6,11 +6,11 @@ Every notebook needs pictures that are there offline, with a licence we can redi
 * real photos copied from packages already installed in the environment (matplotlib and scikit-learn sample data);
 * synthetic images drawn here with Pillow: text for OCR, a receipt, a scene of coloured shapes, and one held-out
   scene of the teaching model (:func:`teaching_scene`). They are generated deterministically *and* saved, so
-  nothing is generated at run time; ``python -m helpers.samples --regenerate`` rewrites them after a generator
+  nothing is generated at run time; ``python -m helpers.course.samples --regenerate`` rewrites them after a generator
   changes.
 
 :func:`lesson_image` picks a lesson's picture for the model it runs: the teaching model (see
-:func:`helpers.models.model_kind`) only knows shape scenes, so it gets the teaching scene instead of a photo.
+:func:`helpers.course.checkpoints.model_kind`) only knows shape scenes, so it gets the teaching scene instead of a photo.
 
 Taught in ``notebooks/00_setup.ipynb`` (what ships and why) and used by every task notebook
 (``04_captioning`` to ``09_ocr``) to pick an input image.
@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, ImageFont
 
-if TYPE_CHECKING:  # helpers.teaching.scenes imports this module, so it is imported inside the functions
-    from helpers.models import ModelKind
-    from helpers.teaching.scenes import Scene
+if TYPE_CHECKING:  # helpers.course.teaching.scenes imports this module, so it is imported inside the functions
+    from helpers.course.checkpoints import ModelKind
+    from helpers.course.teaching.scenes import Scene
 
 #: Folder holding the shipped images (inside the installed package, so it works from any working directory).
-IMAGES_DIR: Path = Path(__file__).resolve().parent / "data" / "images"
+IMAGES_DIR: Path = Path(__file__).resolve().parents[1] / "data" / "images"
 
 #: Sample name -> file name in :data:`IMAGES_DIR`.
 SAMPLE_IMAGES: dict[str, str] = {
@@ -74,7 +74,7 @@ def _check_name(name: str) -> str:
         for sample, file_name in SAMPLE_IMAGES.items():
             if key == file_name.lower():
                 return sample
-    raise ValueError(f"Unknown sample {name!r}. Valid names: {', '.join(SAMPLE_IMAGES)}. See helpers.samples.list_samples().")
+    raise ValueError(f"Unknown sample {name!r}. Valid names: {', '.join(SAMPLE_IMAGES)}. See helpers.course.samples.list_samples().")
 
 
 def sample_path(name: str) -> Path:
@@ -87,7 +87,7 @@ def sample_path(name: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(
             f"Sample file {path} is missing. Reinstall the package (`pip install -e .`) so helpers/data ships, "
-            "or run `python -m helpers.samples --regenerate` for the generated samples."
+            "or run `python -m helpers.course.samples --regenerate` for the generated samples."
         )
     return path
 
@@ -299,7 +299,7 @@ def render_shapes_scene(size: tuple[int, int] = SHAPES_SCENE_SIZE) -> Image.Imag
 def shapes_scene_answer(size: tuple[int, int] = SHAPES_SCENE_SIZE) -> dict[str, list]:
     """Ground truth of :func:`render_shapes_scene` in the ``<OD>`` answer shape ``{'bboxes', 'labels'}``.
 
-    Lets ``notebooks/05_detection.ipynb`` show :func:`helpers.plotting.draw_answer` before any model runs. For the
+    Lets ``notebooks/05_detection.ipynb`` show :func:`helpers.outputs.plotting.draw_answer` before any model runs. For the
     star the box is the box it was drawn in, which is a little larger than the star itself.
     """
     return {
@@ -309,7 +309,7 @@ def shapes_scene_answer(size: tuple[int, int] = SHAPES_SCENE_SIZE) -> dict[str, 
 
 
 #: The shipped teaching scene: scene ``TEACHING_SCENE_INDEX`` of the held-out stream
-#: (:data:`helpers.teaching.scenes.HELD_OUT_SEED`, never used in training). Picked because it has a purple triangle,
+#: (:data:`helpers.course.teaching.scenes.HELD_OUT_SEED`, never used in training). Picked because it has a purple triangle,
 #: a blue square, a red circle and the word "OPEN", and the shipped teaching model's ``<OD>`` and ``<CAPTION>``
 #: answers on it are right.
 TEACHING_SCENE_INDEX = 192
@@ -317,8 +317,8 @@ TEACHING_SCENE_INDEX = 192
 
 def teaching_scene() -> Scene:
     """The shipped ``teaching_scene`` sample with its exact ground truth (objects, word and their boxes), from the
-    scene generator :func:`helpers.teaching.scenes.make_scene`. Taught in ``notebooks/05_detection.ipynb``."""
-    from helpers.teaching.scenes import HELD_OUT_SEED, make_scene
+    scene generator :func:`helpers.course.teaching.scenes.make_scene`. Taught in ``notebooks/05_detection.ipynb``."""
+    from helpers.course.teaching.scenes import HELD_OUT_SEED, make_scene
 
     return make_scene(HELD_OUT_SEED, TEACHING_SCENE_INDEX)
 
@@ -326,14 +326,14 @@ def teaching_scene() -> Scene:
 def teaching_scene_answer() -> dict[str, list]:
     """Ground truth of the teaching scene in the ``<OD>`` answer shape ``{'bboxes', 'labels'}``, left to right
     (like :func:`shapes_scene_answer` for the shapes scene). Taught in ``notebooks/05_detection.ipynb``."""
-    from helpers.teaching.scenes import od_answer
+    from helpers.course.teaching.scenes import od_answer
 
     return od_answer(teaching_scene())
 
 
 def lesson_sample(name: str, kind: ModelKind) -> str:
     """The sample a lesson shows where it asks for ``name``, given the kind of model it runs
-    (:func:`helpers.models.model_kind`). Taught in ``notebooks/04_captioning.ipynb``.
+    (:func:`helpers.course.checkpoints.model_kind`). Taught in ``notebooks/04_captioning.ipynb``.
 
     Real and random models get ``name``. The teaching model only learned generated shape scenes, so on a photo,
     a document or the star-and-ellipse shapes scene its answers would be meaningless: it gets the teaching scene,
@@ -388,8 +388,8 @@ def regenerate_samples(output_dir: Path | str | None = None) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m helpers.samples [--regenerate [--output-dir DIR]]``: list the samples, or re-render generated ones."""
-    parser = argparse.ArgumentParser(prog="python -m helpers.samples", description=__doc__.splitlines()[0])
+    """``python -m helpers.course.samples [--regenerate [--output-dir DIR]]``: list the samples, or re-render generated ones."""
+    parser = argparse.ArgumentParser(prog="python -m helpers.course.samples", description=__doc__.splitlines()[0])
     parser.add_argument("--regenerate", action="store_true", help="rewrite the generated samples (text, receipt, shapes, teaching_scene)")
     parser.add_argument("--output-dir", type=Path, default=None, help=f"where to write them (default: {IMAGES_DIR})")
     args = parser.parse_args(argv)

@@ -36,8 +36,8 @@ from transformers import (
     GenerationConfig,
 )
 
-from helpers.conversion import remove_stale_staging
-from helpers.models import MODEL_KIND_KEY
+from helpers.convert.conversion import remove_stale_staging
+from helpers.course.checkpoints import MODEL_KIND_KEY
 
 #: Tokens the Florence-2 tokenizer adds to BART's vocabulary (task markers, 1000 location bins, polygon markers).
 FLORENCE2_EXTRA_TOKENS: tuple[str, ...] = (
@@ -308,7 +308,7 @@ def make_tiny_florence2(
         if eos_pull is not None:
             _make_answers_end(model, processor, eos_pull)
         model.generation_config = build_generation_config()
-        setattr(model.config, MODEL_KIND_KEY, "random")  # what helpers.models.model_kind reads: answers are noise
+        setattr(model.config, MODEL_KIND_KEY, "random")  # what helpers.course.checkpoints.model_kind reads: answers are noise
         for leftover in ("vocab.json", "merges.txt"):
             (staging / leftover).unlink()
         model.save_pretrained(staging)

@@ -5,7 +5,7 @@
   assigned consistently: the same label always gets the same id, ids follow the sorted label names (or a mapping you
   pass, so that several exports share ids).
 * :func:`to_supervision` — one answer → ``supervision.Detections`` (the optional ``supervision`` package), with
-  confidences when the answer has scores (see :mod:`helpers.scores`), masks for polygons and oriented boxes for OCR.
+  confidences when the answer has scores (see :mod:`helpers.outputs.scores`), masks for polygons and oriented boxes for OCR.
 * :func:`answer_instances` — the common step: any box/polygon/OCR answer as a flat list of instances.
 
 Florence-2 coordinates are pixels ``(x1, y1, x2, y2)``; COCO wants ``[x, y, width, height]``. Model output is
@@ -14,7 +14,7 @@ shapes without area (a box with x1 == x2, points on one line) cannot be drawn or
 them is always 0 — and are left out (counted in ``info["skipped_instances"]`` when nothing of an instance is left).
 Text answers (captions, plain OCR) have no instances and are skipped.
 
-Taught in ``notebooks/05_detection.ipynb`` (COCO and supervision export); used by :mod:`helpers.batch`.
+Taught in ``notebooks/05_detection.ipynb`` (COCO and supervision export); used by :mod:`helpers.cli.batch`.
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def _image_id(value: Any) -> int | None:
 
 def _records(records: Iterable[Any]) -> Iterable[tuple[int | None, str, Any, Any, dict[str, Any]]]:
     """Yield ``(image_id or None, file_name, width, height, {task: answer})`` from tuples or dicts (JSONL lines of
-    helpers.batch)."""
+    helpers.cli.batch)."""
     for number, record in enumerate(records, start=1):
         if isinstance(record, Mapping):
             if record.get("error") and not record.get("results"):
@@ -245,13 +245,13 @@ def to_coco(
     """A COCO detection/segmentation dataset from Florence-2 answers. Taught in ``notebooks/05_detection.ipynb``.
 
     Each record is ``(file_name_or_id, width, height, task, answer)``, or a dict with ``file_name`` (or ``file``),
-    ``width``, ``height`` and ``results`` (``{task: answer}``, as :mod:`helpers.batch` writes them). Several records
+    ``width``, ``height`` and ``results`` (``{task: answer}``, as :mod:`helpers.cli.batch` writes them). Several records
     may describe the same image (one per task); it gets one image entry. Image ids are the given integer ids, or
     1, 2, … in order of first appearance.
 
     Every box, polygon set or OCR quadrilateral becomes an annotation with ``bbox`` ``[x, y, width, height]``,
     ``area``, ``iscrowd`` 0, ``category_id``, ``segmentation`` (polygons and quadrilaterals only), ``score`` (when
-    the answer has scores, see :mod:`helpers.scores`) and ``task``. The category of an instance is its stripped
+    the answer has scores, see :mod:`helpers.outputs.scores`) and ``task``. The category of an instance is its stripped
     label (``empty_label`` when empty); ids come from :func:`coco_categories`.
     """
     images: dict[Any, dict[str, Any]] = {}
@@ -302,7 +302,7 @@ def to_coco(
         annotation["task"] = task
         annotations.append(annotation)
     return {
-        "info": {"description": "Florence-2 answers exported by helpers.export.to_coco", "skipped_instances": skipped},
+        "info": {"description": "Florence-2 answers exported by helpers.outputs.export.to_coco", "skipped_instances": skipped},
         "licenses": [],
         "images": [{"id": e["id"], "file_name": e["file_name"], "width": e["width"], "height": e["height"]}
                    for e in images.values()],

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
-from helpers.tasks import LOCATION_TOKEN
+from helpers.tasks.run import LOCATION_TOKEN
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -347,7 +347,7 @@ def _to_rgb_copy(image: Any) -> Image.Image:
         return Image.fromarray(image).convert("RGB")
     raise TypeError(
         f"image must be a PIL.Image, a uint8 numpy array or a file path, got {type(image).__name__}; "
-        "load one with helpers.samples.load_sample(name) or PIL.Image.open(path)."
+        "load one with helpers.course.samples.load_sample(name) or PIL.Image.open(path)."
     )
 
 

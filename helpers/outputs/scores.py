@@ -16,7 +16,7 @@ keeps no confidence, so tools built on it report 1.0 for everything. Here every 
   certain of every token, independent of how many tokens the label has. ``reduce="min"`` gives the probability of
   the least certain token instead (stricter: one doubtful coordinate sinks the instance).
 
-Scores are added beside the answer, which stays exactly what :func:`helpers.tasks.run_task` returns:
+Scores are added beside the answer, which stays exactly what :func:`helpers.tasks.run.run_task` returns:
 ``answer["scores"]`` for boxes, polygons and OCR quadrilaterals, and ``answer["bboxes_scores"]`` /
 ``answer["polygons_scores"]`` for ``<OPEN_VOCABULARY_DETECTION>`` (whose answer has both kinds).
 
@@ -26,7 +26,7 @@ token sequences that this reading finds exactly the post-processor's instances. 
 without regions, region-to-text tasks) have no instances and are refused with a clear error.
 
 Which generator: scores need transformers' ``generate`` (``output_scores``), so on an ``OVFlorence2Model`` the scored
-path runs ``generation="transformers"`` while :func:`helpers.tasks.run_task` takes the faster numpy loop by default.
+path runs ``generation="transformers"`` while :func:`helpers.tasks.run.run_task` takes the faster numpy loop by default.
 At f32 (``EXACT_CONFIG``) both give the same tokens (``tests/test_scores.py``). At the CPU's default bf16 precision the
 two loops round differently, so where two beams nearly tie they can choose differently (seen on 2 of 8 teaching
 scenes, from token 6–7). For the exact answers the scores belong to, pass ``generation="transformers"`` to
@@ -35,7 +35,7 @@ scenes, from token 6–7). For the exact answers the scores belong to, pass ``ge
 Memory: generate keeps one vocabulary-sized row of scores per step and beam until it returns (about 0.2 MB per
 token and beam for the real models' 51k-token vocabulary); lower ``max_new_tokens`` for very long answers.
 
-Taught in ``notebooks/05_detection.ipynb`` (scores on detections; ``reduce``); used by :mod:`helpers.batch`.
+Taught in ``notebooks/05_detection.ipynb`` (scores on detections; ``reduce``); used by :mod:`helpers.cli.batch`.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
-from helpers.tasks import (
+from helpers.tasks.run import (
     SCORED_TASKS,
     TASKS,
     _cut_after_eos,
@@ -358,7 +358,7 @@ def _check_reduce(reduce: str) -> None:
 def _check_scored(token: str) -> None:
     if token not in SCORED_TASKS:
         raise ValueError(
-            f"{token} answers with text, which has no boxes or regions to score; use helpers.tasks.run_task for it. "
+            f"{token} answers with text, which has no boxes or regions to score; use helpers.tasks.run.run_task for it. "
             f"Tasks with scores: {', '.join(SCORED_TASKS)}."
         )
 
@@ -381,8 +381,8 @@ def run_tasks_batch_with_scores(
     reduce: Reduce = "geometric_mean",
     **generate_kwargs: Any,
 ) -> list[dict[str, Any]]:
-    """Like :func:`helpers.tasks.run_tasks_batch` (one ``generate`` call for all images), each answer with its
-    instances' scores. Taught in ``notebooks/11_speed.ipynb``; used by :mod:`helpers.batch`."""
+    """Like :func:`helpers.tasks.run.run_tasks_batch` (one ``generate`` call for all images), each answer with its
+    instances' scores. Taught in ``notebooks/11_speed.ipynb``; used by :mod:`helpers.cli.batch`."""
     token = resolve_task(task)
     _check_scored(token)
     _check_reduce(reduce)
@@ -424,7 +424,7 @@ def run_task_with_scores(
     reduce: Reduce = "geometric_mean",
     **generate_kwargs: Any,
 ) -> dict[str, Any]:
-    """Run one task like :func:`helpers.tasks.run_task` and add a confidence score to every instance.
+    """Run one task like :func:`helpers.tasks.run.run_task` and add a confidence score to every instance.
     Taught in ``notebooks/05_detection.ipynb``.
 
     Returns ``{task: answer}`` where ``answer`` is exactly ``run_task``'s plus ``"scores"`` (one per box, polygon

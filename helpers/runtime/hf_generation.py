@@ -1,4 +1,4 @@
-"""The part of :class:`helpers.ov_model.OVFlorence2Model` that plugs it into transformers' ``GenerationMixin`` (torch).
+"""The part of :class:`helpers.runtime.ov_model.OVFlorence2Model` that plugs it into transformers' ``GenerationMixin`` (torch).
 
 With it, greedy search, beam search, sampling, logits processors and stopping criteria are transformers' own code,
 so OpenVINO output is PyTorch's token for token (at f32 precision). Only three things are ours:
@@ -8,8 +8,8 @@ so OpenVINO output is PyTorch's token for token (at f32 precision). Only three t
 * :class:`OVDecoderState` is handed to transformers as "the cache"; beam search reorders it through
   ``reorder_cache(beam_idx)``, which the decoder applies inside OpenVINO on the next step.
 
-This module imports torch; ``helpers.ov_model`` imports it only when torch is installed (without torch,
-``OVFlorence2Model.generate`` uses :mod:`helpers.numpy_generation`). Taught in ``notebooks/02_convert.ipynb``.
+This module imports torch; ``helpers.runtime.ov_model`` imports it only when torch is installed (without torch,
+``OVFlorence2Model.generate`` uses :mod:`helpers.runtime.numpy_generation`). Taught in ``notebooks/02_convert.ipynb``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from transformers import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
 if TYPE_CHECKING:
-    from helpers.ov_model import OVFlorence2Model
+    from helpers.runtime.ov_model import OVFlorence2Model
 
 
 class OVDecoderState:
@@ -106,7 +106,7 @@ class TransformersGeneration(GenerationMixin):
 
     def _encode_tensors(self, input_ids: Any, pixel_values: Any, attention_mask: Any) -> BaseModelOutput:
         """``encode`` (vision → embeddings → text encoder, in OpenVINO) on torch inputs, as transformers expects it."""
-        from helpers.ov_model import _to_numpy  # here, not at the top: helpers.ov_model imports this module
+        from helpers.runtime.ov_model import _to_numpy  # here, not at the top: helpers.runtime.ov_model imports this module
 
         hidden = self.encode(_to_numpy(input_ids), _to_numpy(pixel_values), _to_numpy(attention_mask))
         return BaseModelOutput(last_hidden_state=torch.from_numpy(hidden))

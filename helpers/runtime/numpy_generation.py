@@ -1,6 +1,6 @@
 """Florence-2's ``generate`` in numpy: greedy and beam search, token for token like transformers' (5.23), no torch.
 
-Used by deployments without torch: :class:`helpers.ov_model.OVFlorence2Model` runs :func:`generate` when torch is
+Used by deployments without torch: :class:`helpers.runtime.ov_model.OVFlorence2Model` runs :func:`generate` when torch is
 not installed, or when asked with ``generation="numpy"``. No notebook teaches it; ``notebooks/02_convert.ipynb``
 teaches the OpenVINO parts it drives.
 

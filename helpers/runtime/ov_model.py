@@ -1,13 +1,13 @@
 """Run a converted Florence-2 with OpenVINO: ``OVFlorence2Model``, with or without torch.
 
-:class:`OVFlorence2Model` holds the compiled OpenVINO parts written by :func:`helpers.conversion.convert_florence2`:
+:class:`OVFlorence2Model` holds the compiled OpenVINO parts written by :func:`helpers.convert.conversion.convert_florence2`:
 ``encode`` runs image encoder → token embeddings → text encoder, ``decoder_step`` runs one decoder step whose K/V
 caches live in OpenVINO state. ``generate`` drives them with one of two generators:
 
-* ``"numpy"``: :mod:`helpers.numpy_generation`, greedy and beam search with the same tokens as transformers (at
+* ``"numpy"``: :mod:`helpers.runtime.numpy_generation`, greedy and beam search with the same tokens as transformers (at
   f32 precision), with no torch in the decode loop: about 4 ms less per token on the base model, and it runs in
   deployments that install ``requirements-inference.txt`` (no torch);
-* ``"transformers"``: transformers' own ``GenerationMixin.generate`` through :mod:`helpers.ov_transformers_bridge`,
+* ``"transformers"``: transformers' own ``GenerationMixin.generate`` through :mod:`helpers.runtime.hf_generation`,
   so sampling, scores and every other logits processor or stopping criterion are transformers' code.
 
 The default, ``"auto"``, takes numpy for every request it supports and transformers for the rest (when torch is
@@ -34,15 +34,15 @@ import numpy as np
 import openvino as ov
 from transformers import AutoConfig, GenerationConfig
 
-from helpers import numpy_generation
-from helpers.conversion import IncompleteConversionError, pytorch_weight_files, reconvert_hint, verify_conversion
+from helpers.runtime import numpy_generation
+from helpers.convert.conversion import IncompleteConversionError, pytorch_weight_files, reconvert_hint, verify_conversion
 
 #: True when torch is installed: then transformers' ``generate`` is available and is the default generator.
 TORCH_AVAILABLE = importlib.util.find_spec("torch") is not None
 
 if TORCH_AVAILABLE:
-    from helpers.ov_transformers_bridge import OVDecoderState  # noqa: F401  (re-exported: it used to live here)
-    from helpers.ov_transformers_bridge import TransformersGeneration as _GenerationBase
+    from helpers.runtime.hf_generation import OVDecoderState  # noqa: F401  (re-exported: it used to live here)
+    from helpers.runtime.hf_generation import TransformersGeneration as _GenerationBase
 else:
 
     class _GenerationBase:  # type: ignore[no-redef]
@@ -181,7 +181,7 @@ class OVFlorence2Model(_GenerationBase):
     ``part_config`` overrides ``ov_config`` for one part (``"vision_encoder"``, ``"encoder"``, ``"decoder"``,
     ``"token_embeddings"``), e.g. ``{"decoder": {"INFERENCE_PRECISION_HINT": "f32"}}`` on CPUs where one-row bf16
     matmuls are slower than f32 (measure with ``benchmarks/benchmark.py``).
-    ``generation`` chooses who runs ``generate``: ``"numpy"`` (:mod:`helpers.numpy_generation`: greedy and beam
+    ``generation`` chooses who runs ``generate``: ``"numpy"`` (:mod:`helpers.runtime.numpy_generation`: greedy and beam
     search, faster), ``"transformers"`` (needs torch: sampling, scores, any logits processor) or ``"auto"``: numpy
     when it supports the request, else transformers. ``generate(..., generation=...)`` overrides it. Token ids come
     back as a torch tensor when you pass torch tensors (``return_tensors="pt"``), as numpy int64 otherwise.

@@ -1,6 +1,6 @@
 """Florence-2's answer parsing without torch: ``processor.post_process_generation`` with numpy arithmetic.
 
-Used by deployments without torch (``helpers.tasks`` calls :func:`use_numpy_post_processing` when torch is not
+Used by deployments without torch (``helpers.tasks.run`` calls :func:`use_numpy_post_processing` when torch is not
 installed). transformers' ``Florence2PostProcessor`` parses the generated text itself, but turns location bins into
 pixels with ``torch.tensor`` and ``torch.cat`` (its ``dequantize``), so without torch every task that answers with
 boxes or polygons fails. This adapter keeps transformers' parser and replaces only that arithmetic:

@@ -4,10 +4,10 @@ One prompt format covers captioning, detection, grounding, segmentation, region 
 token (``<OD>``), optionally followed by text (a phrase, or a region written as four ``<loc_N>`` tokens). This
 module holds the task table, turns user input into valid prompts with helpful errors, loads images of any mode,
 converts pixel boxes to and from Florence-2's 1000-bin location tokens, and runs a task on *any* model object with
-a transformers-style ``generate`` (PyTorch ``Florence2ForConditionalGeneration`` or ``helpers.ov_model``'s
+a transformers-style ``generate`` (PyTorch ``Florence2ForConditionalGeneration`` or ``helpers.runtime.ov_model``'s
 ``OVFlorence2Model``) — so the notebooks compare backends with the same code. torch is optional: with an
 ``OVFlorence2Model`` the inputs are numpy arrays, and without torch the answers are parsed with
-:mod:`helpers.numpy_postprocessing` (same results).
+:mod:`helpers.tasks.numpy_postprocessing` (same results).
 
 Taught in ``notebooks/04_captioning.ipynb`` (task table, ``run_task``, cascaded caption → grounding),
 ``05_detection.ipynb``, ``06_grounding.ipynb``, ``07_segmentation.ipynb``, ``08_region_understanding.ipynb``
@@ -142,7 +142,7 @@ TASKS: dict[str, TaskSpec] = {spec.token: spec for spec in _TASK_LIST}
 
 
 #: Tasks whose answers have places (boxes, polygons, quadrilaterals), so each instance can get a confidence score
-#: (:mod:`helpers.scores`); text answers have none.
+#: (:mod:`helpers.outputs.scores`); text answers have none.
 SCORED_TASKS: tuple[str, ...] = tuple(token for token, spec in TASKS.items() if spec.answer_kind != "text")
 
 
@@ -545,7 +545,7 @@ def _load_path(path: Path) -> Image.Image:
 
 
 class SupportsGenerate(Protocol):
-    """PyTorch ``Florence2ForConditionalGeneration``, ``helpers.ov_model.OVFlorence2Model``, or anything alike."""
+    """PyTorch ``Florence2ForConditionalGeneration``, ``helpers.runtime.ov_model.OVFlorence2Model``, or anything alike."""
 
     def generate(self, **kwargs: Any) -> Any: ...
 
@@ -570,7 +570,7 @@ def check_generate_kwargs(model: Any, generate_kwargs: dict[str, Any]) -> dict[s
     """Validate the generation arguments a user gave (``max_new_tokens`` 1..4096 and within the model's positions,
     ``num_beams`` >= 1, ``min_new_tokens`` >= 0 and <= ``max_new_tokens``) and return them, with the default
     ``max_new_tokens`` filled in when the model's generation config has none; everything not given (``num_beams``
-    …) comes from that config. :mod:`helpers.batch` calls it before the first image."""
+    …) comes from that config. :mod:`helpers.cli.batch` calls it before the first image."""
     kwargs = dict(generate_kwargs)
     for name, minimum in (("num_beams", 1), ("num_return_sequences", 1), ("min_new_tokens", 0)):
         if kwargs.get(name) is not None:
@@ -630,7 +630,7 @@ def _tensor_type(model: Any) -> str:
 
 def _post_process(processor: Any, text: str, task: str, image_size: tuple[int, int]) -> dict[str, Any]:
     if not _TORCH_INSTALLED:
-        from helpers.numpy_postprocessing import use_numpy_post_processing
+        from helpers.tasks.numpy_postprocessing import use_numpy_post_processing
 
         use_numpy_post_processing(processor)  # transformers' dequantize needs torch; this gives the same answers
     return processor.post_process_generation(text, task=task, image_size=image_size)

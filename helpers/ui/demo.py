@@ -4,7 +4,7 @@ Two layers, so the demo can be tested without a browser and reused outside Jupyt
 
 * :func:`run_demo_request` — a plain function: image + task (+ text or a pixel region) in, :class:`DemoResult` out
   (drawn image, answer dict, seconds, error message). It never raises for bad input; the message says what to fix.
-  The ipywidgets demo and the optional gradio app (:mod:`helpers.gradio_app`) both call it.
+  The ipywidgets demo and the optional gradio app (:mod:`helpers.ui.gradio_app`) both call it.
 * :func:`build_demo` — the ipywidgets front end: image from a sample, an upload or a path; all 15 tasks and the
   three cascades; a text box that is enabled only for tasks that take text, with the task's hint; a Run button
   that shows "Running…" while the model works; the drawing next to the answer as JSON; the time taken; errors in
@@ -32,9 +32,9 @@ from typing import Any
 import ipywidgets as widgets
 from PIL import Image
 
-from helpers.plotting import draw_answer
-from helpers.samples import SAMPLE_DESCRIPTIONS, list_samples, load_sample
-from helpers.tasks import (
+from helpers.outputs.plotting import draw_answer
+from helpers.course.samples import SAMPLE_DESCRIPTIONS, list_samples, load_sample
+from helpers.tasks.run import (
     CASCADED_TASKS,
     PIXEL_BOX_HINT,
     TASKS,
@@ -154,7 +154,7 @@ def _open_image(image: Any) -> Image.Image:
 
 def _region_text_input(task: str, text: str | None, region_px: Any, image_size: tuple[int, int]) -> str | None:
     """The text to give :func:`run_task`: pixel boxes become ``<loc_…>`` tokens with :func:`box_to_loc`."""
-    from helpers.tasks import box_to_loc
+    from helpers.tasks.run import box_to_loc
 
     spec = TASKS.get(task)
     if region_px is not None and not (isinstance(region_px, str) and not region_px.strip()):
@@ -203,11 +203,11 @@ def run_demo_request(
     Taught in ``notebooks/10_interactive_demo.ipynb``.
 
     ``image``: a PIL image, a file path, or the bytes of an uploaded file. ``task``: a task token from
-    :data:`helpers.tasks.TASKS` (``"<OD>"``, written loosely is fine) or a cascade name from
-    :data:`helpers.tasks.CASCADED_TASKS`. ``text``: the task's text, for the tasks that take one. Region tasks
+    :data:`helpers.tasks.run.TASKS` (``"<OD>"``, written loosely is fine) or a cascade name from
+    :data:`helpers.tasks.run.CASCADED_TASKS`. ``text``: the task's text, for the tasks that take one. Region tasks
     take the region either as ``region_px=(x1, y1, x2, y2)`` in pixels, as ``text`` holding a pixel box
     (``"100, 80, 400, 360"``) or as ``text`` holding four ``<loc_N>`` tokens; pixels are converted with
-    :func:`helpers.tasks.box_to_loc`. ``generate_kwargs`` go to ``generate`` (e.g. ``num_beams=1``).
+    :func:`helpers.tasks.run.box_to_loc`. ``generate_kwargs`` go to ``generate`` (e.g. ``num_beams=1``).
 
     Any problem — no image, an unreadable file, a missing or extra text, a region outside the image, an error in
     the model — comes back as :attr:`DemoResult.error` with the fix, so a widget can show it.
@@ -218,7 +218,7 @@ def run_demo_request(
     seconds = 0.0
     try:
         if token not in CASCADED_TASKS:
-            from helpers.tasks import resolve_task
+            from helpers.tasks.run import resolve_task
 
             token = resolve_task(token)
         picture = _open_image(image)
@@ -290,10 +290,10 @@ _WIDE = {"description_width": "initial"}
 
 
 def _task_dropdown(default: str) -> widgets.Dropdown:
-    """The task picker: :func:`helpers.widgets.task_selector` (all 15 tasks and the 3 cascades)."""
+    """The task picker: :func:`helpers.ui.widgets.task_selector` (all 15 tasks and the 3 cascades)."""
     try:
-        from helpers.widgets import task_selector
-    except ImportError:  # helpers.widgets missing from a copied-out demo: build the same dropdown here
+        from helpers.ui.widgets import task_selector
+    except ImportError:  # helpers.ui.widgets missing from a copied-out demo: build the same dropdown here
         options = [(spec.name, token) for token, spec in TASKS.items()] + [(name, name) for name in CASCADED_TASKS]
         return widgets.Dropdown(options=options, value=default, description="Task:", style=_WIDE)
     return task_selector(default, include_cascaded=True)
@@ -504,7 +504,7 @@ def build_demo(
     """The interactive demo as one ipywidgets widget; display it as a cell's last line.
     Taught in ``notebooks/10_interactive_demo.ipynb``.
 
-    ``samples``: ``None`` for every image shipped in :mod:`helpers.samples`, a list of their names, or a dict
+    ``samples``: ``None`` for every image shipped in :mod:`helpers.course.samples`, a list of their names, or a dict
     ``{name: path or PIL image}`` of your own. ``default_task``: the task selected at first (token or cascade
     name). ``generate_kwargs`` go to every ``generate`` call (e.g. ``{"num_beams": 1}`` for speed). The Run button
     calls :func:`run_demo_request`; ``demo.run()`` does the same from code, and ``demo.last_result`` holds the

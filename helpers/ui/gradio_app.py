@@ -2,8 +2,8 @@
 
 gradio is an optional extra, not in ``requirements.txt`` (it is large and pins its own versions of common
 packages): ``pip install gradio`` in the environment first. This module imports gradio only inside
-:func:`build_gradio_app` / :func:`launch_gradio_app`, so ``import helpers.gradio_app`` works without it, and
-:func:`gradio_callback` — the function the page calls, built on :func:`helpers.demo.run_demo_request` — can be
+:func:`build_gradio_app` / :func:`launch_gradio_app`, so ``import helpers.ui.gradio_app`` works without it, and
+:func:`gradio_callback` — the function the page calls, built on :func:`helpers.ui.demo.run_demo_request` — can be
 used and tested anywhere.
 
 The app listens on ``127.0.0.1`` only (this machine), never on the network, and never creates a public share link.
@@ -19,16 +19,16 @@ from typing import Any
 
 from PIL import Image
 
-from helpers.demo import run_demo_request, task_hint, task_takes_text
-from helpers.samples import list_samples, sample_path
-from helpers.tasks import CASCADED_TASKS, TASKS
+from helpers.ui.demo import run_demo_request, task_hint, task_takes_text
+from helpers.course.samples import list_samples, sample_path
+from helpers.tasks.run import CASCADED_TASKS, TASKS
 
 __all__ = ["GRADIO_MISSING", "build_gradio_app", "gradio_callback", "launch_gradio_app", "task_choices"]
 
 GRADIO_MISSING = (
     "gradio is not installed. It is an optional extra of this collection: run `pip install gradio` "
     "(in a notebook: `%pip install gradio`) in this environment, restart the kernel, and try again. "
-    "The ipywidgets demo (helpers.demo.build_demo) needs nothing extra."
+    "The ipywidgets demo (helpers.ui.demo.build_demo) needs nothing extra."
 )
 #: The only address the app listens on: this machine.
 HOST = "127.0.0.1"
@@ -53,7 +53,7 @@ def gradio_callback(
 ) -> Callable[[Image.Image | str | None, str, str | None], tuple[Image.Image | None, dict[str, Any], str]]:
     """The function the gradio page calls: ``(image, task, text) -> (drawn image, answer, status markdown)``.
 
-    A thin wrapper over :func:`helpers.demo.run_demo_request`: errors come back in the status text (with
+    A thin wrapper over :func:`helpers.ui.demo.run_demo_request`: errors come back in the status text (with
     ``⚠️``), not as exceptions, and the drawn image is ``None`` then. Region tasks take a pixel box
     ``x1, y1, x2, y2`` in the text box.
     """

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 
 import ipywidgets as widgets
 
-from helpers.conversion import WEIGHT_FORMATS
-from helpers import models
-from helpers.models import CHECKPOINTS, DEFAULT_MODEL, TEACHING_MODEL, TINY_MODEL, device_from_env, model_from_env
-from helpers.teaching import teaching_model_available
+from helpers.convert.conversion import WEIGHT_FORMATS
+from helpers.course import checkpoints as models
+from helpers.course.checkpoints import CHECKPOINTS, DEFAULT_MODEL, TEACHING_MODEL, TINY_MODEL, device_from_env, model_from_env
+from helpers.course.teaching import teaching_model_available
 
 if TYPE_CHECKING:  # openvino is imported only when a device selector is built
     import openvino as ov
@@ -57,7 +57,7 @@ def _dropdown(options: list[tuple[str, str]], value: str, description: str) -> w
 # Model
 
 
-#: Labels for the offline models :func:`helpers.models.resolve_model` knows by name (besides ``tiny``).
+#: Labels for the offline models :func:`helpers.course.checkpoints.resolve_model` knows by name (besides ``tiny``).
 _NAMED_MODEL_LABELS: dict[str, str] = {
     "base-random": "base-random: Florence-2-base's layers with random weights (offline speed tests)",
     "teaching": "teaching: small model trained here on generated shape scenes (offline)",
@@ -65,7 +65,7 @@ _NAMED_MODEL_LABELS: dict[str, str] = {
 
 
 def _named_models() -> set[str]:
-    """The names ``resolve_model`` turns into an offline model: every ``*_MODEL`` string in helpers.models."""
+    """The names ``resolve_model`` turns into an offline model: every ``*_MODEL`` string in helpers.course.checkpoints."""
     return {
         value
         for name, value in vars(models).items()
@@ -83,10 +83,10 @@ def model_selector(default: str | None = None) -> widgets.Dropdown:
     (trained here on shape scenes, shipped with the package) and ``"tiny"`` (random weights).
 
     ``default`` (``None``: ``FLORENCE2_MODEL``, else Florence-2-base-ft) is selected. A local folder, a hub id
-    ``owner/name`` or another offline model :func:`helpers.models.resolve_model` knows by name (``"base-random"``)
+    ``owner/name`` or another offline model :func:`helpers.course.checkpoints.resolve_model` knows by name (``"base-random"``)
     that is not in the list is added to it and selected, so a notebook started with
     ``FLORENCE2_MODEL=/path/to/Florence-2-base-ft`` shows that folder. Anything else raises ``ValueError``.
-    ``.value`` is what :func:`helpers.models.resolve_model` and :func:`helpers.models.load_model` take.
+    ``.value`` is what :func:`helpers.course.checkpoints.resolve_model` and :func:`helpers.course.checkpoints.load_model` take.
 
     Taught in ``notebooks/01_select_model.ipynb``.
     """
@@ -118,7 +118,7 @@ def model_selector(default: str | None = None) -> widgets.Dropdown:
 
 
 def weight_format_selector(default: str = "fp16") -> widgets.Dropdown:
-    """A dropdown of the weight formats :func:`helpers.conversion.convert_florence2` writes: fp32, fp16, int8, int4.
+    """A dropdown of the weight formats :func:`helpers.convert.conversion.convert_florence2` writes: fp32, fp16, int8, int4.
 
     Raises ``ValueError`` for an unknown ``default``. Taught in ``notebooks/02_convert.ipynb``.
     """
@@ -190,14 +190,14 @@ def device_selector(default: str | None = None, *, core: ov.Core | None = None) 
 
 def task_selector(default: str = "<CAPTION>", include_cascaded: bool = True) -> widgets.Dropdown:
     """A dropdown of Florence-2's tasks: labels are friendly names ("Object detection"), values are task tokens
-    (``"<OD>"``) from :data:`helpers.tasks.TASKS`; with ``include_cascaded`` also the caption-then-grounding
-    cascades of :data:`helpers.tasks.CASCADED_TASKS` (value: the cascade's name, for
-    :func:`helpers.tasks.run_cascaded_task`).
+    (``"<OD>"``) from :data:`helpers.tasks.run.TASKS`; with ``include_cascaded`` also the caption-then-grounding
+    cascades of :data:`helpers.tasks.run.CASCADED_TASKS` (value: the cascade's name, for
+    :func:`helpers.tasks.run.run_cascaded_task`).
 
     ``default`` may be written loosely (``"od"``); an unknown one raises ``ValueError`` listing the tasks.
     Used in ``notebooks/10_interactive_demo.ipynb``.
     """
-    from helpers.tasks import CASCADED_TASKS, TASKS, resolve_task
+    from helpers.tasks.run import CASCADED_TASKS, TASKS, resolve_task
 
     options = [(spec.name, token) for token, spec in TASKS.items()]
     cascades = {re.sub(r"\s+", "", name).upper(): name for name in CASCADED_TASKS}

@@ -1,17 +1,17 @@
 """Measure the teaching model on held-out generated scenes: PyTorch, OpenVINO fp16 and OpenVINO int8 side by side.
 
-    python -m helpers.teaching.quality --model helpers/data/teaching-model            # 100 scenes, 3 backends
-    python -m helpers.teaching.quality --model helpers/data/teaching-model --scenes 3 --backends pytorch
+    python -m helpers.course.teaching.quality --model helpers/data/teaching-model            # 100 scenes, 3 backends
+    python -m helpers.course.teaching.quality --model helpers/data/teaching-model --scenes 3 --backends pytorch
 
-The scenes come from :data:`helpers.teaching.scenes.HELD_OUT_SEED`, a seed training never uses, drawn like the
-training scenes (:func:`helpers.teaching.scenes.training_scene`: both renderers), so every picture is new to the
+The scenes come from :data:`helpers.course.teaching.scenes.HELD_OUT_SEED`, a seed training never uses, drawn like the
+training scenes (:func:`helpers.course.teaching.scenes.training_scene`: both renderers), so every picture is new to the
 model (the vocabulary of shapes, colours and words is the same). Every task is scored, each metric in 0..1
 (:data:`METRICS`; :data:`AIMS` says which metric decides whether a task meets its aim):
 
 * box tasks (``<OD>``, ``<DENSE_REGION_CAPTION>``, ``<REGION_PROPOSAL>``, grounding, ``<OPEN_VOCABULARY_DETECTION>``
   and the three caption-then-grounding cascades) — recall and precision at IoU 0.5 with the right label
   (:func:`box_recall_precision`); ``<OD>`` also mean average precision at IoU 0.5 (``od_map50``, boxes ranked by
-  their confidence, :mod:`helpers.scores`);
+  their confidence, :mod:`helpers.outputs.scores`);
 * captions — the share naming every shape with its colour and count and nothing else (:func:`names_every_shape`;
   the detailed ones must name the word too); ``<CAPTION>`` also exact match;
 * segmentation — mean IoU of the answer's polygons, filled, with the true shapes' pixels (:func:`mask_iou`);
@@ -20,7 +20,7 @@ model (the vocabulary of shapes, colours and words is the same). Every task is s
   ``<OCR_WITH_REGION>``: the word read exactly *and* boxed at IoU ≥ 0.5.
 
 OpenVINO runs with the CPU plugin's defaults (on CPUs with bf16 support that means bf16 compute; the KV cache is
-f16, :data:`helpers.ov_model.DECODER_DEFAULTS`),
+f16, :data:`helpers.runtime.ov_model.DECODER_DEFAULTS`),
 because that is what a user gets; ``--exact`` switches to f32 for a like-for-like comparison of weights only.
 Taught in ``notebooks/12_fine_tune.ipynb``.
 """
@@ -41,7 +41,7 @@ from collections import Counter
 import numpy as np
 from PIL import Image, ImageDraw
 
-from helpers.teaching.scenes import (
+from helpers.course.teaching.scenes import (
     COLOURS,
     COUNT_WORDS,
     HELD_OUT_SEED,
@@ -432,8 +432,8 @@ def evaluate(
     """Run all 15 tasks and the 3 cascades on ``scenes`` with any model that has a transformers-style
     ``generate``, and :func:`score` them. Returns the metrics of :data:`METRICS`, ``shortfalls``, ``seconds`` and
     a few example answers under ``examples``."""
-    from helpers.scores import run_tasks_batch_with_scores
-    from helpers.tasks import TASKS, run_tasks_batch
+    from helpers.outputs.scores import run_tasks_batch_with_scores
+    from helpers.tasks.run import TASKS, run_tasks_batch
 
     started = time.perf_counter()
 
@@ -481,8 +481,8 @@ def held_out_scenes(count: int, seed: int = HELD_OUT_SEED) -> list[Scene]:
 def load_backend(model_dir: str | Path, backend: str, *, cache_dir: Path | None = None, exact: bool = False,
                  threads: int | None = None):  # fmt: skip
     """``(model, processor)`` for ``backend``: ``pytorch`` loads the folder; ``fp16`` / ``int8`` convert it once
-    with :func:`helpers.conversion.convert_florence2` (into ``cache_dir``, default the collection's model cache,
-    see :func:`helpers.models.converted_dir`) and load it with :class:`helpers.ov_model.OVFlorence2Model`."""
+    with :func:`helpers.convert.conversion.convert_florence2` (into ``cache_dir``, default the collection's model cache,
+    see :func:`helpers.course.checkpoints.converted_dir`) and load it with :class:`helpers.runtime.ov_model.OVFlorence2Model`."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if backend not in BACKENDS:
@@ -494,9 +494,9 @@ def load_backend(model_dir: str | Path, backend: str, *, cache_dir: Path | None 
             torch.set_num_threads(threads)
         model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=False).eval()
         return model, AutoProcessor.from_pretrained(model_dir, trust_remote_code=False)
-    from helpers.conversion import convert_florence2, is_converted
-    from helpers.models import converted_dir
-    from helpers.ov_model import EXACT_CONFIG, OVFlorence2Model
+    from helpers.convert.conversion import convert_florence2, is_converted
+    from helpers.course.checkpoints import converted_dir
+    from helpers.runtime.ov_model import EXACT_CONFIG, OVFlorence2Model
 
     folder = (Path(cache_dir) / f"{Path(model_dir).name}-{backend}") if cache_dir else converted_dir(str(model_dir), backend)
     if not is_converted(folder, weight_format=backend):
@@ -562,7 +562,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m helpers.teaching.quality", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m helpers.course.teaching.quality", description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="a trained Florence-2 folder")
     parser.add_argument("--scenes", type=int, default=100, help="held-out scenes to evaluate (default 100)")
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED)
@@ -580,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not backends:
         parser.error(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
     if not (args.model / "config.json").exists():
-        parser.error(f"{args.model} is not a model folder (no config.json); train one with python -m helpers.teaching.train")
+        parser.error(f"{args.model} is not a model folder (no config.json); train one with python -m helpers.course.teaching.train")
     if args.scenes < 1:
         parser.error("--scenes must be at least 1")
     generate_kwargs: dict[str, Any] = {}

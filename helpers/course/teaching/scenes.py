@@ -34,7 +34,7 @@ task                                     target text (what the decoder is taught
                                          bottom-left)
 =======================================  ====================================================================
 
-Coordinates are quantised exactly like Florence-2's post-processor (:func:`helpers.tasks.box_to_loc`), so
+Coordinates are quantised exactly like Florence-2's post-processor (:func:`helpers.tasks.run.box_to_loc`), so
 ``processor.post_process_generation`` turns a target back into the ground truth (to within one bin).
 Groups, boxes and phrases are ordered left to right, so one image has exactly one right answer per task.
 
@@ -53,8 +53,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from helpers.samples import font
-from helpers.tasks import box_to_loc, parse_region
+from helpers.course.samples import font
+from helpers.tasks.run import box_to_loc, parse_region
 
 #: Shape colour name -> RGB (each object's fill is jittered around it).
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -196,7 +196,7 @@ def _draw_background(rng: random.Random, size: tuple[int, int]) -> Image.Image:
 
 
 def _landscape(rng: random.Random, size: tuple[int, int]) -> Image.Image:
-    """Light sky over darker grass (like ``helpers.samples.render_shapes_scene``), horizon at a random height."""
+    """Light sky over darker grass (like ``helpers.course.samples.render_shapes_scene``), horizon at a random height."""
     width, height = size
     image = Image.new("RGB", size)
     draw = ImageDraw.Draw(image)
@@ -543,7 +543,7 @@ def ocr_with_region_target(scene: Scene) -> str:
 
 def od_answer(scene: Scene) -> dict[str, list]:
     """Ground truth in the post-processed ``<OD>`` shape ``{'bboxes', 'labels'}`` (exact pixel boxes), for drawing
-    with :func:`helpers.plotting.draw_answer` and for scoring."""
+    with :func:`helpers.outputs.plotting.draw_answer` and for scoring."""
     ordered = sorted(scene.objects, key=lambda o: _order(o.box))
     return {"bboxes": [[float(v) for v in o.box] for o in ordered], "labels": [o.label for o in ordered]}
 
@@ -562,7 +562,7 @@ LABEL_CLASSES: tuple[str, ...] = ("background", *CATEGORIES, "text")
 
 def label_map(scene: Scene, size: tuple[int, int]) -> np.ndarray:
     """Per-pixel class ids of the scene (see :data:`LABEL_CLASSES`) sampled on a ``size`` = (width, height) grid,
-    for the dense pre-training of the vision tower (:mod:`helpers.teaching.train`). Shapes are filled exactly as
+    for the dense pre-training of the vision tower (:mod:`helpers.course.teaching.train`). Shapes are filled exactly as
     drawn; a word fills its box."""
     mask = Image.new("L", scene.size, 0)
     draw = ImageDraw.Draw(mask)
@@ -636,7 +636,7 @@ def more_detailed_caption(scene: Scene) -> str:
 
 
 def _point_loc(x: float, y: float, size: tuple[int, int]) -> str:
-    """One polygon corner as two location tokens, quantised like :func:`helpers.tasks.box_to_loc`."""
+    """One polygon corner as two location tokens, quantised like :func:`helpers.tasks.run.box_to_loc`."""
     width, height = size
     bx = min(999, max(0, int(x / (width / 1000))))
     by = min(999, max(0, int(y / (height / 1000))))

@@ -4,11 +4,11 @@ The shipped model (``helpers/data/teaching-model``, v2) was made in three rounds
 (``training.json`` beside the weights records the commands, seeds and minutes)::
 
     # rounds 1 and 2 (v1: six tasks, classic scenes): random weights, then new scenes with soft location targets
-    python -m helpers.teaching.train --output build/teaching-round1 --steps 2000 --seed 0
-    python -m helpers.teaching.train --output build/teaching-v1 --init-from build/teaching-round1 \
+    python -m helpers.course.teaching.train --output build/teaching-round1 --steps 2000 --seed 0
+    python -m helpers.course.teaching.train --output build/teaching-v1 --init-from build/teaching-round1 \
         --pretrain-steps 0 --steps 1000 --seed 1 --learning-rate 5e-4
     # round 3 (v2): all 15 tasks on classic and varied scenes, 6 of a scene's examples per step, from v1
-    python -m helpers.teaching.train --output build/teaching-v2 --init-from build/teaching-v1 \
+    python -m helpers.course.teaching.train --output build/teaching-v2 --init-from build/teaching-v1 \
         --pretrain-steps 0 --steps 1000 --seed 2 --learning-rate 1e-3 --tasks-per-scene 6 --max-minutes 80
 
 ``--max-minutes`` stops a round after the step that passes a wall-clock budget (round 3 finished its 1000 steps in
@@ -17,11 +17,11 @@ budget exactly, whatever the machine's speed.
 
 What it does (each part is one function below, so a notebook can show them one at a time):
 
-1. :func:`build_model` — a small Florence-2 in transformers' native layout, built with :mod:`helpers.tiny`'s
+1. :func:`build_model` — a small Florence-2 in transformers' native layout, built with :mod:`helpers.course.tiny`'s
    tokenizer, processor and config builders: 192-pixel input (37 image tokens instead of the real models' 577), a
    4-stage DaViT vision tower and a 3+3-layer BART of width 160, 4.7M parameters. Weights keep transformers' normal
    initialisation (std 0.02), not the wide random weights of the parity model.
-2. :func:`make_batch` — fresh scenes every step (:mod:`helpers.teaching.scenes`; the data never repeats), the
+2. :func:`make_batch` — fresh scenes every step (:mod:`helpers.course.teaching.scenes`; the data never repeats), the
    ``(prompt, target)`` pairs of every task (or ``tasks_per_scene`` of them) per scene, tokenised; padding in the
    labels becomes ``-100`` (ignored). :func:`make_length_batches` splits a step's pairs by length.
 3. :func:`training_loss` — teacher forcing: ``Florence2ForConditionalGeneration`` takes ``labels`` and shifts them
@@ -56,8 +56,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from helpers.models import MODEL_KIND_KEY
-from helpers.teaching.scenes import (
+from helpers.course.checkpoints import MODEL_KIND_KEY
+from helpers.course.teaching.scenes import (
     CATEGORIES,
     COLOURS,
     SHAPE_KINDS,
@@ -67,7 +67,7 @@ from helpers.teaching.scenes import (
     label_map,
     training_scene,
 )
-from helpers.tiny import (
+from helpers.course.tiny import (
     VISION_STRIDE,
     TinyArchitecture,
     build_config,
@@ -230,7 +230,7 @@ def teaching_generation_config():
     * ``no_repeat_ngram_size=0``: with 3 (the real value) beam search may never write the same three tokens twice.
       The teaching model's small BPE vocabulary spells words in pieces (``two`` is ``t w o``), so a correct
       grounding answer such as ``two red circles<loc…>two blue squares<loc…>`` would be forbidden. Measured with
-      ``python -m helpers.teaching.quality --no-repeat-ngram 3`` (see the model's README).
+      ``python -m helpers.course.teaching.quality --no-repeat-ngram 3`` (see the model's README).
     * ``max_new_tokens`` = :data:`MAX_NEW_TOKENS` instead of 1024: every right answer is far shorter.
     """
     config = build_generation_config()
@@ -295,7 +295,7 @@ def dense_targets(scenes: list[Scene], grid: int) -> tuple[torch.Tensor, torch.T
 
 
 def draw_pairs(scenes: list[Scene], rng: random.Random, tasks_per_scene: int = 0) -> list[tuple[int, str, str]]:
-    """``(scene number, prompt, target)`` for the scenes' examples (:func:`helpers.teaching.scenes.examples`;
+    """``(scene number, prompt, target)`` for the scenes' examples (:func:`helpers.course.teaching.scenes.examples`;
     with ``tasks_per_scene``, that many of each scene's, drawn with ``rng``)."""
     rows = []
     for i, scene in enumerate(scenes):
@@ -560,7 +560,7 @@ def save_model(model, processor, output_dir: str | Path, *, training: dict | Non
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
-        # The mark lessons read with helpers.models.model_kind: this model knows shape scenes only.
+        # The mark lessons read with helpers.course.checkpoints.model_kind: this model knows shape scenes only.
         setattr(model.config, MODEL_KIND_KEY, "teaching")
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
@@ -630,7 +630,7 @@ def train_teaching_model(output_dir: str | Path, config: TrainConfig, *, log=pri
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m helpers.teaching.train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m helpers.course.teaching.train", description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, required=True, help="folder to write (replaced when done)")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
@@ -665,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-minutes must be positive")
     if args.stop_after is not None and args.stop_after < 1:
         parser.error("--stop-after must be at least 1")
-    command = "python -m helpers.teaching.train " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m helpers.course.teaching.train " + " ".join(argv if argv is not None else sys.argv[1:])
     train_teaching_model(args.output, config, log=lambda line: print(line, file=sys.stderr, flush=True),
                          resume=not args.no_resume, max_minutes=args.max_minutes, stop_after=args.stop_after,
                          command=command)  # fmt: skip

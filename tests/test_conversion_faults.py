@@ -26,10 +26,13 @@ import pytest
 from PIL import Image
 
 import helpers.convert.conversion as conversion
+from helpers import ir
 from helpers.convert.conversion import (
+    convert_florence2,
+)
+from helpers.ir import (
     ConversionError,
     IncompleteConversionError,
-    convert_florence2,
     is_converted,
     read_manifest,
     verify_conversion,
@@ -435,7 +438,7 @@ def test_overwrite_replaces_an_earlier_conversion(tmp_path, reference, reuse_pre
     (output / "compiled_cache").mkdir()
     _edit_manifest(output, layout_version=0)
     convert_florence2(source, output, "fp32", overwrite=True, verbose=False)
-    assert verify_conversion(output)["layout_version"] == conversion.LAYOUT_VERSION
+    assert verify_conversion(output)["layout_version"] == ir.LAYOUT_VERSION
     assert leftovers(output) == []
 
 
@@ -469,7 +472,7 @@ def _older_conversion(reference: tuple[Path, Path], source: Path, models_dir: Pa
     manifest = json.loads((folder / "manifest.json").read_text())
     del manifest["graph_version"]
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    assert conversion.graph_version(folder) == 1
+    assert ir.graph_version(folder) == 1
     return folder
 
 
@@ -479,7 +482,7 @@ def test_an_older_conversion_is_converted_again_when_the_source_is_there(referen
     monkeypatch.setenv("FLORENCE2_MODELS_DIR", str(tmp_path / "models"))
     folder = _older_conversion(reference, reference[0], tmp_path / "models")
     assert ensure_converted(str(reference[0]), "fp32") == folder
-    assert conversion.graph_version(folder) == conversion.GRAPH_VERSION
+    assert ir.graph_version(folder) == ir.GRAPH_VERSION
     verify_conversion(folder)
     assert "converted by an older version" in capsys.readouterr().out
 
@@ -491,6 +494,6 @@ def test_an_older_conversion_is_kept_when_the_source_is_gone(reference, tmp_path
     source = tmp_path / "deleted-source"
     folder = _older_conversion(reference, source, tmp_path / "models")
     assert ensure_converted(str(source), "fp32") == folder
-    assert conversion.graph_version(folder) == 1  # untouched, still loads
+    assert ir.graph_version(folder) == 1  # untouched, still loads
     verify_conversion(folder)
     assert "Using the older conversion" in capsys.readouterr().out

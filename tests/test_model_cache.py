@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers.convert import conversion
-from helpers.convert.conversion import IncompleteConversionError, read_manifest
+from helpers import ir
+from helpers.ir import IncompleteConversionError, read_manifest
 
 REPAIR = r"load_model\(.*reconvert=True\).*--reconvert"
 
@@ -49,7 +49,7 @@ def flip_bytes(path: Path, offset_fraction: float = 0.5, count: int = 8) -> None
 def rewrite_manifest_hash(folder: Path, name: str) -> None:
     """Make the manifest agree with a damaged file, as if it had been converted that way."""
     manifest = read_manifest(folder)
-    manifest["files"][name]["sha256"] = conversion._sha256(folder / name)
+    manifest["files"][name]["sha256"] = ir.file_sha256(folder / name)
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -67,8 +67,8 @@ def test_loading_checks_hashes_once_and_refuses_a_corrupt_folder(cache, monkeypa
 
     source, converted = cache
     hashed: list[str] = []
-    real_sha = conversion._sha256
-    monkeypatch.setattr(conversion, "_sha256", lambda path: hashed.append(Path(path).name) or real_sha(path))
+    real_sha = ir.file_sha256
+    monkeypatch.setattr(ir, "file_sha256", lambda path: hashed.append(Path(path).name) or real_sha(path))
     load_model(str(source), "fp32", "CPU", cache_dir=None)
     assert "decoder.bin" in hashed  # verified the first time
     hashed.clear()

@@ -473,7 +473,7 @@ def noise_image(width: int, height: int, seed: int) -> Image.Image:
 def test_a_converted_fine_tune_answers_like_pytorch_token_for_token(odd_fine_tune, tmp_path):
     from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
-    from helpers.convert.conversion import verify_conversion
+    from helpers.ir import verify_conversion
     from helpers.convert.original_layout import convert_to_native
     from helpers.runtime.ov_model import OVFlorence2Model
 
@@ -561,7 +561,7 @@ def test_a_hub_id_in_the_original_layout_downloads_data_only(native_reference, t
 
 
 def test_pytorch_folders_of_every_kind_get_a_clear_message_from_the_openvino_model(native_reference, tmp_path):
-    from helpers.convert.conversion import IncompleteConversionError
+    from helpers.ir import IncompleteConversionError
     from helpers.runtime.ov_model import OVFlorence2Model
 
     for kind in ("bin", "sharded-safetensors", "safetensors"):
@@ -584,7 +584,8 @@ def test_a_folder_without_auto_map_is_taken_as_original_not_refused(native_refer
 
 
 def test_unknown_remote_code_is_still_refused(native_reference, tmp_path):
-    from helpers.convert.conversion import ConversionError, check_model_folder
+    from helpers.convert.conversion import check_model_folder
+    from helpers.ir import ConversionError
 
     folder = tmp_path / "other"
     shutil.copytree(native_reference, folder)

@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import helpers.convert.conversion as conversion
-from helpers.convert.conversion import ConversionError, IncompleteConversionError, convert_florence2
+from helpers.convert.conversion import convert_florence2
+from helpers.ir import ConversionError, IncompleteConversionError
 from helpers.runtime.ov_model import EXACT_CONFIG, OVFlorence2Model
 from helpers.outputs.plotting import draw_answer
 from helpers.tasks.run import TASKS, box_to_loc, build_prompt, format_region, load_image, loc_to_box, run_task

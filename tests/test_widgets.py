@@ -10,7 +10,7 @@ import numpy as np
 import openvino as ov
 import pytest
 
-from helpers.convert.conversion import WEIGHT_FORMATS
+from helpers.ir import WEIGHT_FORMATS
 from helpers.course.checkpoints import BASE_RANDOM_MODEL, CHECKPOINTS, DEFAULT_MODEL, TINY_MODEL, resolve_model
 from helpers.tasks.run import CASCADED_TASKS, TASKS, resolve_task
 from helpers.ui.widgets import device_selector, model_selector, task_selector, weight_format_selector

@@ -800,7 +800,7 @@ def wants_batch(argv: Sequence[str]) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from helpers.convert.conversion import WEIGHT_FORMATS
+    from helpers.ir import WEIGHT_FORMATS
     from helpers.course.checkpoints import DEFAULT_DEVICE, model_from_env
 
     parser = argparse.ArgumentParser(

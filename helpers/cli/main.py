@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from helpers.convert.conversion import WEIGHT_FORMATS
+from helpers.ir import WEIGHT_FORMATS
 from helpers.course.checkpoints import DEFAULT_DEVICE, load_model, model_from_env
 
 

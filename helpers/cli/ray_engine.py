@@ -102,7 +102,7 @@ class ConvertedModelInfo:
     def __init__(self, model_dir: str | Path) -> None:
         from transformers import AutoConfig, GenerationConfig
 
-        from helpers.convert.conversion import verify_conversion
+        from helpers.ir import verify_conversion
 
         self.model_dir = Path(model_dir)
         self.manifest = verify_conversion(self.model_dir, check_hashes=False)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from helpers.convert.conversion import ConversionError
+from helpers.ir import ConversionError
 
 #: What the native checkpoints pad their vocabulary to (51289 tokens + ``<image>`` → 51328 rows).
 VOCAB_MULTIPLE = 64

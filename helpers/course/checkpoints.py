@@ -139,8 +139,9 @@ CONTENT_HASHES_FILE = ".content-hashes.json"
 
 def _file_digest(path: Path) -> str:
     """SHA-256 of a weight file, remembered in :data:`CONTENT_HASHES_FILE` while its size/mtime/inode are unchanged."""
-    import hashlib
     import json
+
+    from helpers.ir import file_sha256
 
     info = path.stat()
     key, stamp = str(path.resolve()), [info.st_size, info.st_mtime_ns, info.st_ino]
@@ -152,8 +153,7 @@ def _file_digest(path: Path) -> str:
     entry = memo.get(key) if isinstance(memo, dict) else None
     if isinstance(entry, dict) and entry.get("stamp") == stamp:
         return entry["sha256"]
-    with path.open("rb") as handle:
-        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    digest = file_sha256(path)
     memo = memo if isinstance(memo, dict) else {}
     memo[key] = {"stamp": stamp, "sha256": digest}
     partial = memo_path.with_name(f"{CONTENT_HASHES_FILE}.{os.getpid()}")
@@ -282,11 +282,13 @@ def ensure_converted(
     changed); a damaged one is refused with the file named and the repair: ``reconvert=True`` converts again.
     """
     from helpers.convert.conversion import (
+        convert_florence2,
+        remove_stale_staging,
+    )
+    from helpers.ir import (
         GRAPH_VERSION,
         MANIFEST_NAME,
         IncompleteConversionError,
-        convert_florence2,
-        remove_stale_staging,
         verify_conversion,
     )
 
@@ -320,7 +322,7 @@ def ensure_converted(
 def _use_conversion_as_is(folder: Path, weight_format: str) -> Path:
     """A folder that already holds an OpenVINO conversion (what a torch-free deployment ships): verified, then used
     in the weight format it holds — converting it to another one would need its PyTorch source and torch."""
-    from helpers.convert.conversion import verify_conversion
+    from helpers.ir import verify_conversion
 
     manifest = verify_conversion(folder, check_hashes="once")
     held = manifest.get("weight_format")
@@ -333,7 +335,8 @@ def _use_conversion_as_is(folder: Path, weight_format: str) -> Path:
 def _upgrade_conversion(model: str, folder: Path, weight_format: str) -> Path:
     """Reconvert a folder written by an older converter (same answers, slower graphs); keep it when the source is
     out of reach (offline, deleted). The conversion is atomic, so a failed attempt leaves the old folder intact."""
-    from helpers.convert.conversion import ConversionError, convert_florence2
+    from helpers.convert.conversion import convert_florence2
+    from helpers.ir import ConversionError
 
     print(f"ℹ️  {folder} was converted by an older version of this collection; converting again for speed …")
     try:
@@ -356,7 +359,7 @@ def load_model(
     ``reconvert=True`` converts again over the cached folder (the repair for a damaged one)."""
     from transformers import AutoProcessor
 
-    from helpers.convert.conversion import IncompleteConversionError
+    from helpers.ir import IncompleteConversionError
     from helpers.runtime.ov_model import OVFlorence2Model
 
     folder = ensure_converted(model_id_or_path, weight_format, reconvert=reconvert)

@@ -87,7 +87,7 @@ def find_in_kit(kit_dir: str | Path, model: str, weight_format: str | None = Non
     """The kit's conversion of ``model`` (as typed when the kit was built, or the same local folder's content), or
     ``None`` when the kit does not hold it. ``weight_format`` is preferred; when the kit holds the model in other
     formats only, the first of them is returned and a note on stderr says which one is used instead."""
-    from helpers.convert.conversion import is_converted
+    from helpers.ir import is_converted
     from helpers.course.checkpoints import converted_dir
 
     kit = Path(kit_dir).expanduser().resolve()

@@ -35,7 +35,7 @@ import openvino as ov
 from transformers import AutoConfig, GenerationConfig
 
 from helpers.runtime import numpy_generation
-from helpers.convert.conversion import IncompleteConversionError, pytorch_weight_files, reconvert_hint, verify_conversion
+from helpers.ir import IncompleteConversionError, pytorch_weight_files, reconvert_hint, verify_conversion
 
 #: True when torch is installed: then transformers' ``generate`` is available and is the default generator.
 TORCH_AVAILABLE = importlib.util.find_spec("torch") is not None

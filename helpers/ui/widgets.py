@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import ipywidgets as widgets
 
-from helpers.convert.conversion import WEIGHT_FORMATS
+from helpers.ir import WEIGHT_FORMATS
 from helpers.course import checkpoints as models
 from helpers.course.checkpoints import CHECKPOINTS, DEFAULT_MODEL, TEACHING_MODEL, TINY_MODEL, device_from_env, model_from_env
 from helpers.course.teaching import teaching_model_available

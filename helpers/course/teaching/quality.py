@@ -494,7 +494,8 @@ def load_backend(model_dir: str | Path, backend: str, *, cache_dir: Path | None 
             torch.set_num_threads(threads)
         model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=False).eval()
         return model, AutoProcessor.from_pretrained(model_dir, trust_remote_code=False)
-    from helpers.convert.conversion import convert_florence2, is_converted
+    from helpers.convert.conversion import convert_florence2
+    from helpers.ir import is_converted
     from helpers.course.checkpoints import converted_dir
     from helpers.runtime.ov_model import EXACT_CONFIG, OVFlorence2Model
 

@@ -874,7 +874,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.num_beams is not None:
         generate_kwargs["num_beams"] = args.num_beams
     tasks = args.task or ["<CAPTION>"]
-    from helpers.runtime.ov_model import TORCH_AVAILABLE
+    from helpers.runtime.generation import TORCH_AVAILABLE
 
     scores = not args.no_scores and TORCH_AVAILABLE
     if not args.no_scores and not TORCH_AVAILABLE:

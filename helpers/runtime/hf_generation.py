@@ -1,4 +1,4 @@
-"""The part of :class:`helpers.runtime.ov_model.OVFlorence2Model` that plugs it into transformers' ``GenerationMixin`` (torch).
+"""transformers' ``GenerationMixin`` driving :class:`helpers.runtime.ov_model.OVFlorence2Model`'s OpenVINO steps (torch).
 
 With it, greedy search, beam search, sampling, logits processors and stopping criteria are transformers' own code,
 so OpenVINO output is PyTorch's token for token (at f32 precision). Only three things are ours:
@@ -8,8 +8,8 @@ so OpenVINO output is PyTorch's token for token (at f32 precision). Only three t
 * :class:`OVDecoderState` is handed to transformers as "the cache"; beam search reorders it through
   ``reorder_cache(beam_idx)``, which the decoder applies inside OpenVINO on the next step.
 
-This module imports torch; ``helpers.runtime.ov_model`` imports it only when torch is installed (without torch,
-``OVFlorence2Model.generate`` uses :mod:`helpers.runtime.numpy_generation`). Taught in ``notebooks/02_convert.ipynb``.
+This module imports torch; :class:`helpers.runtime.generation.TransformersGeneration` imports it when first used (the
+``"transformers"`` strategy). Taught in ``notebooks/02_convert.ipynb``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import torch
 from transformers import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
+from helpers.runtime.generation import to_numpy
+
 if TYPE_CHECKING:
     from helpers.runtime.ov_model import OVFlorence2Model
 
@@ -29,7 +31,7 @@ class OVDecoderState:
     """Stands in for transformers' cache object. The real K/V tensors stay inside the OpenVINO request; this
     object only tracks the sequence length and the beam order to apply on the next decoder step."""
 
-    def __init__(self, owner: OVFlorence2Model, batch_size: int) -> None:
+    def __init__(self, owner: OVGenerationAdapter, batch_size: int) -> None:
         self.owner = owner
         self.seq_length = 0
         self.beam_idx = np.arange(batch_size, dtype=np.int32)
@@ -47,11 +49,26 @@ def _as_tensor(value: Any) -> Any:
     return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
 
 
-class TransformersGeneration(GenerationMixin):
-    """What transformers' ``GenerationMixin`` needs from a model, for ``OVFlorence2Model`` (no weights here).
+def transformers_generate(
+    model: OVFlorence2Model, input_ids: Any, pixel_values: Any, attention_mask: Any, **kwargs: Any
+) -> torch.Tensor:
+    """transformers' own ``generate`` over ``model``'s OpenVINO steps; numpy inputs are accepted too."""
+    return OVGenerationAdapter(model).generate(
+        input_ids=_as_tensor(input_ids),
+        pixel_values=_as_tensor(pixel_values),
+        attention_mask=_as_tensor(attention_mask),
+        **kwargs,
+    )
 
-    The host class provides ``config``, ``generation_config``, ``encode(...)`` and ``decoder_step(...)``.
-    """
+
+class OVGenerationAdapter(GenerationMixin):
+    """What transformers' ``GenerationMixin`` needs from a model (no weights here), over an ``OVFlorence2Model``:
+    its ``config``, ``generation_config``, ``encode(...)`` and ``decoder_step(...)``."""
+
+    def __init__(self, model: OVFlorence2Model) -> None:
+        self.model = model
+        self.config = model.config
+        self.generation_config = model.generation_config
 
     main_input_name = "input_ids"
     base_model_prefix = "model"
@@ -83,18 +100,6 @@ class TransformersGeneration(GenerationMixin):
     def __call__(self, *args: Any, **kwargs: Any) -> Seq2SeqLMOutput:
         return self.forward(*args, **kwargs)
 
-    def transformers_generate(
-        self, input_ids: Any, pixel_values: Any, attention_mask: Any, **kwargs: Any
-    ) -> torch.Tensor:
-        """transformers' own ``generate``; numpy inputs are accepted too."""
-        return GenerationMixin.generate(
-            self,
-            input_ids=_as_tensor(input_ids),
-            pixel_values=_as_tensor(pixel_values),
-            attention_mask=_as_tensor(attention_mask),
-            **kwargs,
-        )
-
     def _maybe_prepare_encoder_kwargs_for_generation(
         self, inputs_tensor: torch.Tensor, model_kwargs: dict, model_input_name: str | None, generation_config
     ) -> dict:
@@ -106,9 +111,7 @@ class TransformersGeneration(GenerationMixin):
 
     def _encode_tensors(self, input_ids: Any, pixel_values: Any, attention_mask: Any) -> BaseModelOutput:
         """``encode`` (vision → embeddings → text encoder, in OpenVINO) on torch inputs, as transformers expects it."""
-        from helpers.runtime.ov_model import _to_numpy  # here, not at the top: helpers.runtime.ov_model imports this module
-
-        hidden = self.encode(_to_numpy(input_ids), _to_numpy(pixel_values), _to_numpy(attention_mask))
+        hidden = self.model.encode(to_numpy(input_ids), to_numpy(pixel_values), to_numpy(attention_mask))
         return BaseModelOutput(last_hidden_state=torch.from_numpy(hidden))
 
     def prepare_inputs_for_generation(
@@ -150,10 +153,10 @@ class TransformersGeneration(GenerationMixin):
         if new_sequence:
             past_key_values = OVDecoderState(self, decoder_input_ids.shape[0])
         elif past_key_values.owner is not self:
-            raise ValueError("This cache belongs to another OVFlorence2Model; start a new generate() call.")
+            raise ValueError("This cache belongs to another generate() call; start a new generate() call.")
         if attention_mask is None:
             attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long)
-        logits = self.decoder_step(
+        logits = self.model.decoder_step(
             decoder_input_ids.numpy(),
             hidden.numpy(),
             attention_mask.numpy(),

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-from transformers import GenerationConfig
+
+if TYPE_CHECKING:  # transformers (and with it torch, when installed) is imported when a generation starts
+    from transformers import GenerationConfig
 
 __all__ = [
     "LogitsProcessors",
@@ -95,6 +97,8 @@ def _install_torch_hint(what: str) -> str:
 
 
 def _neutral_settings() -> dict[str, Any]:
+    from transformers import GenerationConfig
+
     neutral = GenerationConfig()
     neutral.update(**GenerationConfig._get_default_generation_params(), defaults_only=True)
     return vars(neutral)
@@ -109,6 +113,8 @@ def resolve_generation_config(
     the model's saved config > transformers' global defaults. Raises :class:`UnsupportedGenerationError` for
     anything this module does not implement, and ``ValueError`` (from ``GenerationConfig.validate``) for invalid values.
     """
+    from transformers import GenerationConfig
+
     has_default_max_length = (
         kwargs.get("max_length") is None
         and (generation_config is None or generation_config.max_length is None)

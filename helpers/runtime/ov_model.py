@@ -2,16 +2,18 @@
 
 :class:`OVFlorence2Model` holds the compiled OpenVINO parts written by :func:`helpers.convert.conversion.convert_florence2`:
 ``encode`` runs image encoder → token embeddings → text encoder, ``decoder_step`` runs one decoder step whose K/V
-caches live in OpenVINO state. ``generate`` drives them with one of two generators:
+caches live in OpenVINO state. ``generate`` drives them with one of the strategies of
+:mod:`helpers.runtime.generation`:
 
 * ``"numpy"``: :mod:`helpers.runtime.numpy_generation`, greedy and beam search with the same tokens as transformers (at
   f32 precision), with no torch in the decode loop: about 4 ms less per token on the base model, and it runs in
   deployments that install ``requirements-inference.txt`` (no torch);
-* ``"transformers"``: transformers' own ``GenerationMixin.generate`` through :mod:`helpers.runtime.hf_generation`,
-  so sampling, scores and every other logits processor or stopping criterion are transformers' code.
+* ``"transformers"``: transformers' own ``GenerationMixin.generate`` through :mod:`helpers.runtime.hf_generation`
+  (imported on first use), so sampling, scores and every other logits processor or stopping criterion are
+  transformers' code.
 
 The default, ``"auto"``, takes numpy for every request it supports and transformers for the rest (when torch is
-installed).
+installed). Importing this module imports no torch.
 
 Taught in ``notebooks/02_convert.ipynb`` (how it works) and ``notebooks/03_select_device.ipynb`` (devices).
 """
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -28,28 +29,13 @@ import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import openvino as ov
-from transformers import AutoConfig, GenerationConfig
 
-from helpers.runtime import numpy_generation
 from helpers.ir import IncompleteConversionError, pytorch_weight_files, reconvert_hint, verify_conversion
-
-#: True when torch is installed: then transformers' ``generate`` is available and is the default generator.
-TORCH_AVAILABLE = importlib.util.find_spec("torch") is not None
-
-if TORCH_AVAILABLE:
-    from helpers.runtime.hf_generation import OVDecoderState  # noqa: F401  (re-exported: it used to live here)
-    from helpers.runtime.hf_generation import TransformersGeneration as _GenerationBase
-else:
-
-    class _GenerationBase:  # type: ignore[no-redef]
-        """Without torch there is no transformers ``generate``; ``OVFlorence2Model.generate`` uses numpy."""
-
-
-Generator = Literal["auto", "transformers", "numpy"]
+from helpers.runtime.generation import GeneratorName, check_generator, check_torch_for_transformers, choose_strategy
 
 #: Settings that make OpenVINO reproduce PyTorch float32 exactly (this CPU otherwise runs bf16 and a u8 KV cache).
 EXACT_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
@@ -164,7 +150,7 @@ def prune_compiled_cache(folder: str | Path, keep: int = KEEP_COMPILED_BLOBS) ->
     return removed
 
 
-class OVFlorence2Model(_GenerationBase):
+class OVFlorence2Model:
     """A converted Florence-2 on an OpenVINO device, with a transformers-style ``generate``.
 
     >>> model = OVFlorence2Model("models/Florence-2-base-ft/fp16", device="CPU")
@@ -201,15 +187,17 @@ class OVFlorence2Model(_GenerationBase):
         image_cache_size: int = 16,
         cache_dir: str | Path | None = "auto",
         part_config: dict[str, dict[str, Any]] | None = None,
-        generation: Generator = "auto",
+        generation: GeneratorName = "auto",
         release_vision_memory: bool = True,
     ) -> None:
-        self.generation = _check_generator(generation)
+        self.generation = check_generator(generation)
         self.release_vision_memory = release_vision_memory
         if self.generation == "transformers":
-            _check_torch_for_transformers()  # fail at load, not at the first generate
+            check_torch_for_transformers()  # fail at load, not at the first generate
         self.model_dir = Path(model_dir)
         self._check_folder()
+        from transformers import AutoConfig, GenerationConfig  # here: importing this module imports no torch
+
         try:
             self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
             self.generation_config = GenerationConfig.from_pretrained(self.model_dir)
@@ -428,7 +416,7 @@ class OVFlorence2Model(_GenerationBase):
         pixel_values: Any = None,
         attention_mask: Any = None,
         *,
-        generation: Generator | None = None,
+        generation: GeneratorName | None = None,
         **generate_kwargs: Any,
     ) -> Any:
         """Generate answers: pass the processor's outputs (numpy or torch) and any generation arguments
@@ -438,19 +426,9 @@ class OVFlorence2Model(_GenerationBase):
         if input_ids is None:
             raise ValueError("generate() needs input_ids: pass the processor's output, e.g. model.generate(**inputs).")
         self._check_lengths(generate_kwargs)
-        generator = self._resolve_generator(generation, generate_kwargs)
+        strategy = choose_strategy(self.generation if generation is None else generation, self, generate_kwargs)
         with self._lock:
-            if generator == "transformers":
-                return self.transformers_generate(input_ids, pixel_values, attention_mask, **generate_kwargs)
-            ids = numpy_generation.generate(
-                self,
-                _to_numpy(input_ids),
-                _to_numpy(pixel_values),
-                _to_numpy(attention_mask),
-                max_positions=getattr(self.config, "max_position_embeddings", None),  # as transformers reads it
-                **generate_kwargs,
-            )
-        return _like(input_ids, ids)
+            return strategy.generate(self, input_ids, pixel_values, attention_mask, **generate_kwargs)
 
     def _check_lengths(self, generate_kwargs: dict[str, Any]) -> None:
         limit = getattr(self.config.text_config, "max_position_embeddings", None)
@@ -462,45 +440,3 @@ class OVFlorence2Model(_GenerationBase):
                     f"{name}={value} is more than this model's {limit} decoder positions. Use {name} <= "
                     f"{limit + slack}."
                 )
-
-    def _resolve_generator(self, generation: Generator | None, generate_kwargs: dict[str, Any]) -> str:
-        choice = self.generation if generation is None else _check_generator(generation)
-        if choice == "auto":
-            if not TORCH_AVAILABLE or numpy_generation.supports(self.generation_config, **generate_kwargs):
-                return "numpy"
-            return "transformers"
-        if choice == "transformers":
-            _check_torch_for_transformers()
-        return choice
-
-
-def _check_torch_for_transformers() -> None:
-    if not TORCH_AVAILABLE:
-        raise ValueError(
-            "generation='transformers' needs torch, which is not installed. Install it (pip install "
-            "torch==2.13.0) or use generation='numpy' (greedy and beam search)."
-        )
-
-
-def _check_generator(generation: Any) -> Generator:
-    if generation not in ("auto", "transformers", "numpy"):
-        raise ValueError(f"generation must be 'auto', 'transformers' or 'numpy', got {generation!r}.")
-    return generation
-
-
-def _like(inputs: Any, ids: np.ndarray) -> Any:
-    """``ids`` as a torch tensor when the caller passed torch tensors, so the output type follows the input type."""
-    if TORCH_AVAILABLE and hasattr(inputs, "detach"):
-        import torch
-
-        return torch.from_numpy(ids)
-    return ids
-
-
-def _to_numpy(value: Any) -> np.ndarray | None:
-    """Processor outputs as numpy: torch tensors (``return_tensors="pt"``) are converted, ``None`` stays."""
-    if value is None or isinstance(value, np.ndarray):
-        return value
-    if hasattr(value, "detach"):  # a torch tensor; torch is not imported for this
-        return value.detach().cpu().float().numpy() if value.is_floating_point() else value.detach().cpu().numpy()
-    return np.asarray(value)

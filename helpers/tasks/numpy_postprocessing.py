@@ -15,12 +15,13 @@ boxes or polygons fails. This adapter keeps transformers' parser and replaces on
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import numpy as np
 from transformers.models.florence2 import processing_florence2
 from transformers.models.florence2.processing_florence2 import Florence2PostProcessor
+
+from helpers.runtime.generation import TORCH_AVAILABLE
 
 __all__ = ["NumpyFlorence2PostProcessor", "use_numpy_post_processing"]
 
@@ -65,7 +66,7 @@ def use_numpy_post_processing(processor: Any) -> Any:
     installed does it also give transformers' post-processing module its numpy stand-in for ``torch``: with torch
     installed, nothing global changes. Calling it again is harmless.
     """
-    if importlib.util.find_spec("torch") is None and not hasattr(processing_florence2, "torch"):
+    if not TORCH_AVAILABLE and not hasattr(processing_florence2, "torch"):
         processing_florence2.torch = _NumpyTensorNamespace
     current = processor.post_processor
     if not isinstance(current, NumpyFlorence2PostProcessor):

@@ -18,7 +18,6 @@ Taught in ``notebooks/04_captioning.ipynb`` (task table, ``run_task``, cascaded 
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import math
 import re
 import sys
@@ -30,6 +29,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from helpers.runtime.generation import TORCH_AVAILABLE
 
 __all__ = [
     "ANSWER_KEYS",
@@ -614,7 +615,6 @@ def _prepare_inputs(model: Any, inputs: Any) -> Any:
     return inputs
 
 
-_TORCH_INSTALLED = importlib.util.find_spec("torch") is not None
 
 
 def _is_torch_module(model: Any) -> bool:
@@ -629,7 +629,7 @@ def _tensor_type(model: Any) -> str:
 
 
 def _post_process(processor: Any, text: str, task: str, image_size: tuple[int, int]) -> dict[str, Any]:
-    if not _TORCH_INSTALLED:
+    if not TORCH_AVAILABLE:
         from helpers.tasks.numpy_postprocessing import use_numpy_post_processing
 
         use_numpy_post_processing(processor)  # transformers' dequantize needs torch; this gives the same answers

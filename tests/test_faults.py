@@ -40,7 +40,7 @@ import time  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from helpers.ir import is_converted, verify_conversion# noqa: E402
+from helpers.ir import is_converted, verify_conversion  # noqa: E402
 
 KILLS = 5
 #: Runs a conversion or a kit build in which tracing is replaced by reading already converted parts (everything

@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 from conftest import EXACT_OV_CONFIG
-from helpers.course.tiny import FLORENCE2_EXTRA_TOKENS, make_tiny_florence2
+from helpers.convert.native_processor import FLORENCE2_EXTRA_TOKENS
+from helpers.course.tiny import make_tiny_florence2
 
 #: Written into every test folder as modeling_/configuration_/processing_florence2.py: importing it leaves a mark.
 TRAP = """

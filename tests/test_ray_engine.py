@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers.cli.ray_engine import keep_local_cluster_on_loopback  # noqa: E402
+from helpers.cli.ray_engine import keep_local_cluster_on_loopback
 
 keep_local_cluster_on_loopback()  # before Ray is imported: the test cluster listens on 127.0.0.1 only
 ray = pytest.importorskip("ray")

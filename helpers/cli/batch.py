@@ -636,7 +636,7 @@ def _answer_task(work: list[_Work], model: Any, processor: Any, task: str, reque
     """Answer ``task`` for ``work`` in one batch; if the batch fails, one image at a time to find the culprit."""
     try:
         answers = _run_batch(model, processor, [w.picture for w in work], task, request)
-    except Exception as batch_error:  # noqa: BLE001 - one bad image must not stop the run
+    except Exception as batch_error:  # one bad image must not stop the run
         if len(work) == 1:
             work[0].errors.append(f"{task}: {type(batch_error).__name__}: {batch_error}")
             return
@@ -663,7 +663,7 @@ def answer_chunk(
             continue
         try:
             item.picture = load_image(item.job.path)
-        except Exception as error:  # noqa: BLE001 - unreadable files are reported, not fatal
+        except Exception as error:  # unreadable files are reported, not fatal
             item.errors.append(f"{type(error).__name__}: {error}")
             item.cause = "image"
     for task in request.tasks:
@@ -704,7 +704,7 @@ def draw_record(picture: Any, key: str, results: dict[str, Any], folder: Path) -
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             draw_answer(picture, task, answer).save(target)
-        except Exception as error:  # noqa: BLE001 - the answer is saved even if its drawing is not
+        except Exception as error:  # the answer is saved even if its drawing is not
             errors.append(f"drawing {task}: {type(error).__name__}: {error}")
     return errors
 

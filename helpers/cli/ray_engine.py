@@ -174,7 +174,7 @@ def _ray_cluster(address: str | None, num_cpus: int) -> Iterator[Any]:
     if not address:
         keep_local_cluster_on_loopback()  # a laptop's cluster serves this machine only
     import ray
-    import ray.data  # noqa: F401 - ray.data.* below
+    import ray.data  # ray.data.* below
 
     if ray.is_initialized():
         yield ray

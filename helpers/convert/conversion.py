@@ -430,7 +430,7 @@ def convert_decoder(model):
         # Fixing heads and head_dim here keeps the state's initial shape [batch, heads, 0, head_dim] well defined.
         *[ov.PartialShape([-1, heads, -1, head_dim])] * (2 * layers),
     ]
-    import openvino as ov  # noqa: F811 (local import keeps module import light)
+    import openvino as ov  # local import keeps module import light
 
     with torch.no_grad(), _quiet_tracer():
         ov_model = ov.convert_model(DecoderStep(model), example_input=example, input=shapes)

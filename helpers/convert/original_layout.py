@@ -38,7 +38,7 @@ from helpers.ir import ConversionError
 
 #: What the native checkpoints pad their vocabulary to (51289 tokens + ``<image>`` → 51328 rows).
 VOCAB_MULTIPLE = 64
-IMAGE_TOKEN = "<image>"
+
 WEIGHTS_NAME = "model.safetensors"
 
 #: ``(original name pattern, native name)`` in order; the first full match renames a tensor. From the published key
@@ -173,7 +173,7 @@ def _safetensors_keys(folder: Path) -> list[str]:
         try:
             with safe_open(str(path), framework="numpy") as handle:
                 keys.extend(handle.keys())
-        except Exception:  # noqa: BLE001 - a damaged file is reported when the weights are read
+        except Exception:  # a damaged file is reported when the weights are read
             continue
     return keys
 
@@ -227,7 +227,7 @@ def read_weights(folder: Path, *, verbose: bool = True) -> dict[str, Any]:
                 )
             try:
                 part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as error:  # noqa: BLE001 - pickle refusals, truncation and zip errors all land here
+            except Exception as error:  # pickle refusals, truncation and zip errors all land here
                 raise OriginalLayoutError(
                     f"{path} could not be read as plain tensors ({type(error).__name__}: {_gist(error)}). It is "
                     "damaged, or "
@@ -435,7 +435,7 @@ def build_processor(folder: Path, scratch: Path):
     """The native ``Florence2Processor`` of an original folder, built from its tokenizer and image-processor files."""
     from transformers import BartTokenizer, CLIPImageProcessorPil, Florence2Processor
 
-    from helpers.course.tiny import FLORENCE2_EXTRA_TOKENS, POST_PROCESSOR_CONFIG
+    from helpers.convert.native_processor import FLORENCE2_EXTRA_TOKENS, IMAGE_TOKEN, POST_PROCESSOR_CONFIG
 
     tokenizer_dir = scratch / "tokenizer"
     tokenizer_dir.mkdir(parents=True)

@@ -22,7 +22,6 @@ import html
 import io
 import json
 import math
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field

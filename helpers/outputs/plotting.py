@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
-from helpers.tasks.run import LOCATION_TOKEN
+from helpers.tasks.run import LOCATION_TOKEN, TASKS, AnswerKind
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -38,17 +38,19 @@ if TYPE_CHECKING:
 Color = str | tuple[int, int, int]
 Point = tuple[float, float]
 
+#: The shape of each answer kind of :data:`helpers.tasks.run.ANSWER_KEYS` (one vocabulary: the task table's).
+_ANSWER_SHAPES: dict[AnswerKind, str] = {
+    "text": "a str",
+    "bboxes": "{'bboxes': [[x1, y1, x2, y2], ...], 'labels': [...]} with optional 'scores'",
+    "polygons": "{'polygons': [[[x1, y1, x2, y2, ...], ...], ...], 'labels': [...]}",
+    "open_vocabulary": "{'bboxes': [...], 'bboxes_labels': [...], 'polygons': [...], 'polygons_labels': [...]}",
+    "quad_boxes": "{'quad_boxes': [[x1, y1, x2, y2, x3, y3, x4, y4], ...], 'labels': [...]}",
+}
+
 #: Answer kind -> the shape it has and the tasks producing it (used in error messages too).
-ANSWER_KINDS: dict[str, str] = {
-    "text": "a str (<CAPTION>, <DETAILED_CAPTION>, <MORE_DETAILED_CAPTION>, <OCR>, <REGION_TO_CATEGORY>, "
-    "<REGION_TO_DESCRIPTION>, <REGION_TO_OCR>)",
-    "boxes": "{'bboxes': [[x1, y1, x2, y2], ...], 'labels': [...]} with optional 'scores' "
-    "(<OD>, <DENSE_REGION_CAPTION>, <REGION_PROPOSAL>, <CAPTION_TO_PHRASE_GROUNDING>)",
-    "polygons": "{'polygons': [[[x1, y1, x2, y2, ...], ...], ...], 'labels': [...]} "
-    "(<REFERRING_EXPRESSION_SEGMENTATION>, <REGION_TO_SEGMENTATION>)",
-    "boxes_and_polygons": "{'bboxes': [...], 'bboxes_labels': [...], 'polygons': [...], 'polygons_labels': [...]} "
-    "(<OPEN_VOCABULARY_DETECTION>)",
-    "quad_boxes": "{'quad_boxes': [[x1, y1, x2, y2, x3, y3, x4, y4], ...], 'labels': [...]} (<OCR_WITH_REGION>)",
+ANSWER_KINDS: dict[AnswerKind, str] = {
+    kind: f"{shape} ({', '.join(token for token, spec in TASKS.items() if spec.answer_kind == kind)})"
+    for kind, shape in _ANSWER_SHAPES.items()
 }
 
 #: Default colours, saturated enough to stand out on photos; a label keeps its colour across images.
@@ -97,8 +99,9 @@ def _unwrap(answer: Any) -> Any:
     return answer
 
 
-def answer_kind(answer: Any) -> str:
-    """Which of the :data:`ANSWER_KINDS` ``answer`` is: "text", "boxes", "polygons", "boxes_and_polygons" or "quad_boxes".
+def answer_kind(answer: Any) -> AnswerKind:
+    """Which of the :data:`ANSWER_KINDS` ``answer`` is: "text", "bboxes", "polygons", "open_vocabulary" or "quad_boxes"
+    (the task table's ``answer_kind`` names).
 
     Accepts the inner answer or the whole ``{task: answer}`` dict. Raises ``ValueError`` naming the expected shapes
     for anything else. Taught in ``notebooks/05_detection.ipynb``.
@@ -114,11 +117,11 @@ def answer_kind(answer: Any) -> str:
         if is_list("quad_boxes"):
             return "quad_boxes"
         if ("bboxes_labels" in answer or "polygons_labels" in answer) and (is_list("bboxes") or is_list("polygons")):
-            return "boxes_and_polygons"
+            return "open_vocabulary"
         if is_list("polygons"):
             return "polygons"
         if is_list("bboxes"):
-            return "boxes"
+            return "bboxes"
     described = f"a dict with keys {sorted(map(str, answer))}" if isinstance(answer, Mapping) else type(answer).__name__
     expected = "\n".join(f"  - {kind}: {shape}" for kind, shape in ANSWER_KINDS.items())
     raise ValueError(
@@ -249,11 +252,11 @@ def _instances(kind: str, answer: Mapping, size: tuple[int, int], fill_polygons:
             label = _label_text(labels[i] if i < len(labels) else None)
             instances.append(_Instance(label, label or f"#{shapes_key}{i}", parts=parts, fill=fill_polygons and not quads))
 
-    if kind == "boxes":
+    if kind == "bboxes":
         add_boxes("bboxes", "labels", "scores")
     elif kind == "polygons":
         add_shapes("polygons", "labels", quads=False)
-    elif kind == "boxes_and_polygons":
+    elif kind == "open_vocabulary":
         add_boxes("bboxes", "bboxes_labels", None)
         add_shapes("polygons", "polygons_labels", quads=False)
     elif kind == "quad_boxes":

@@ -53,10 +53,10 @@ from PIL import Image
 from helpers.tasks.run import (
     SCORED_TASKS,
     TASKS,
-    _cut_after_eos,
-    _eos_ids,
-    _prepare_inputs,
-    build_prompt,
+    batch_prompts,
+    cut_after_eos,
+    eos_ids,
+    prepare_inputs,
     check_generate_kwargs,
     load_image,
     resolve_task,
@@ -386,24 +386,13 @@ def run_tasks_batch_with_scores(
     token = resolve_task(task)
     _check_scored(token)
     _check_reduce(reduce)
-    if isinstance(images, (str, Path, Image.Image)) or not isinstance(images, Sequence) or not images:
-        raise ValueError(
-            "images must be a non-empty list of images or paths; for one image use run_task_with_scores()."
-        )
-    pictures = [load_image(image) for image in images]
-    if text_inputs is None or isinstance(text_inputs, str):
-        texts: list[Any] = [text_inputs] * len(pictures)
-    else:
-        texts = list(text_inputs)
-        if len(texts) != len(pictures):
-            raise ValueError(f"Got {len(pictures)} images but {len(texts)} text inputs; give one per image.")
-    prompts = [build_prompt(token, text, image_size=picture.size) for text, picture in zip(texts, pictures)]
+    pictures, prompts = batch_prompts(images, token, text_inputs, single="run_task_with_scores")
     kwargs = check_generate_kwargs(model, generate_kwargs)
-    inputs = _prepare_inputs(model, processor(text=prompts, images=pictures, return_tensors="pt", padding=True))
+    inputs = prepare_inputs(model, processor(text=prompts, images=pictures, return_tensors="pt", padding=True))
     output = _generate_with_scores(model, inputs, kwargs)
     log_probs = token_log_probs(output)
-    eos_ids = _eos_ids(model, processor)
-    rows = [_cut_after_eos(row, eos_ids) for row in output.sequences.tolist()]
+    ends = eos_ids(model, processor)
+    rows = [cut_after_eos(row, ends) for row in output.sequences.tolist()]
     if len(rows) != len(pictures):
         raise ValueError(f"generate returned {len(rows)} sequences for {len(pictures)} images.")
     answers = []

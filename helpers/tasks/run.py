@@ -601,7 +601,7 @@ def check_generate_kwargs(model: Any, generate_kwargs: dict[str, Any]) -> dict[s
     return kwargs
 
 
-def _prepare_inputs(model: Any, inputs: Any) -> Any:
+def prepare_inputs(model: Any, inputs: Any) -> Any:
     positions = _text_positions(model)
     length = inputs["input_ids"].shape[-1]
     if positions is not None and length > positions:
@@ -641,13 +641,14 @@ def _sequences(output: Any) -> list[list[int]]:
     return ids.tolist() if hasattr(ids, "tolist") else [list(row) for row in ids]
 
 
-def _eos_ids(model: Any, processor: Any) -> set[int]:
+def eos_ids(model: Any, processor: Any) -> set[int]:
+    """The token ids that end an answer: the model's generation config's EOS and the tokenizer's."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
     return ids | {processor.tokenizer.eos_token_id}
 
 
-def _cut_after_eos(row: list[int], eos_ids: set[int]) -> list[int]:
+def cut_after_eos(row: list[int], eos_ids: set[int]) -> list[int]:
     """Drop the padding that batched generation appends after a finished answer (position 0 is the decoder start
     token, which is EOS in Florence-2, so the search starts at 1)."""
     for i in range(1, len(row)):
@@ -676,10 +677,34 @@ def run_task(
     picture = load_image(image)
     prompt = build_prompt(token, text_input, image_size=picture.size)
     kwargs = check_generate_kwargs(model, generate_kwargs)
-    inputs = _prepare_inputs(model, processor(text=prompt, images=picture, return_tensors=_tensor_type(model)))
+    inputs = prepare_inputs(model, processor(text=prompt, images=picture, return_tensors=_tensor_type(model)))
     ids = _sequences(model.generate(**inputs, **kwargs))
     text = processor.batch_decode(ids, skip_special_tokens=False)[0]
     return _post_process(processor, text, token, picture.size)
+
+
+def batch_prompts(
+    images: Sequence[Image.Image | str | Path],
+    token: str,
+    text_inputs: str | Sequence[str | Sequence[float] | None] | None,
+    *,
+    single: str,
+) -> tuple[list[Image.Image], list[str]]:
+    """The loaded images of a batch and one prompt per image (``text_inputs``: ``None``, one string for all, or one
+    entry per image). ``single`` names the one-image function the error suggests for a lone image."""
+    if isinstance(images, (str, Path, Image.Image)) or not isinstance(images, Sequence) or not images:
+        raise ValueError(f"images must be a non-empty list of images or paths; for one image use {single}().")
+    pictures = [load_image(image) for image in images]
+    if text_inputs is None or isinstance(text_inputs, str):
+        texts: list[Any] = [text_inputs] * len(pictures)
+    else:
+        texts = list(text_inputs)
+        if len(texts) != len(pictures):
+            raise ValueError(
+                f"Got {len(pictures)} images but {len(texts)} text inputs; give one text input per image "
+                "(or a single string for all)."
+            )
+    return pictures, [build_prompt(token, text, image_size=pic.size) for text, pic in zip(texts, pictures)]
 
 
 def run_tasks_batch(
@@ -697,25 +722,13 @@ def run_tasks_batch(
     per image. Prompts of different lengths are padded; answers are post-processed with each image's own size.
     """
     token = resolve_task(task)
-    if isinstance(images, (str, Path, Image.Image)) or not isinstance(images, Sequence) or not images:
-        raise ValueError("images must be a non-empty list of images or paths; for one image use run_task().")
-    pictures = [load_image(image) for image in images]
-    if text_inputs is None or isinstance(text_inputs, str):
-        texts: list[Any] = [text_inputs] * len(pictures)
-    else:
-        texts = list(text_inputs)
-        if len(texts) != len(pictures):
-            raise ValueError(
-                f"Got {len(pictures)} images but {len(texts)} text inputs; give one text input per image "
-                "(or a single string for all)."
-            )
-    prompts = [build_prompt(token, text, image_size=pic.size) for text, pic in zip(texts, pictures)]
+    pictures, prompts = batch_prompts(images, token, text_inputs, single="run_task")
     kwargs = check_generate_kwargs(model, generate_kwargs)
-    inputs = _prepare_inputs(
+    inputs = prepare_inputs(
         model, processor(text=prompts, images=pictures, return_tensors=_tensor_type(model), padding=True)
     )
-    eos_ids = _eos_ids(model, processor)
-    rows = [_cut_after_eos(row, eos_ids) for row in _sequences(model.generate(**inputs, **kwargs))]
+    ends = eos_ids(model, processor)
+    rows = [cut_after_eos(row, ends) for row in _sequences(model.generate(**inputs, **kwargs))]
     if len(rows) != len(pictures):
         raise ValueError(f"generate returned {len(rows)} sequences for {len(pictures)} images; do not pass "
                          "num_return_sequences to run_tasks_batch.")  # fmt: skip

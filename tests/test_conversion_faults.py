@@ -97,7 +97,9 @@ def write_manifest(folder, *args, **kwargs):
 
 
 conv.write_manifest = write_manifest
-real_replace_folder = conv._replace_folder
+import helpers.folders as folders
+
+real_replace_folder = folders.replace_folder
 
 
 def replace_folder(staging, output_dir):
@@ -106,7 +108,7 @@ def replace_folder(staging, output_dir):
     return real_replace_folder(staging, output_dir)
 
 
-conv._replace_folder = replace_folder
+folders.replace_folder = replace_folder
 real_rename = Path.rename
 
 

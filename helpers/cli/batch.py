@@ -355,7 +355,7 @@ def output_lock(output_dir: str | Path) -> Iterator[Path]:
 
 
 def _pid_file_lock(path: Path) -> Iterator[Path]:
-    from helpers.convert.conversion import pid_alive
+    from helpers.folders import pid_alive
 
     for _ in range(2):
         try:

@@ -30,7 +30,6 @@ import contextlib
 import gc
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -40,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from helpers.folders import remove_stale_staging, staged_folder
 from helpers.ir import (
     CROSS_STATE_PREFIX,
     MANIFEST_NAME,
@@ -657,12 +657,6 @@ def _estimate_bytes(folder: Path, weight_format: str) -> int:
     return int(weights * factor * 1.2) + native_copy + 10_000_000
 
 
-def _make_shareable(folder: Path) -> None:
-    """Give a temporary folder the permissions a normal ``mkdir`` would (honouring the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-
 def convert_florence2(
     model_id_or_path: str | Path,
     output_dir: str | Path,
@@ -709,16 +703,10 @@ def convert_florence2(
     if output_dir.exists():
         _check_replaceable(output_dir)
     _check_writable(output_dir, _estimate_bytes(folder, weight_format))
-    # The pid in the name lets a later run tell a folder left by a killed conversion from one still being written.
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-{os.getpid()}-", dir=output_dir.parent))
-    _make_shareable(staging)  # mkdtemp makes 0700 folders; a shared kit or cache must be readable
-    try:
+    with staged_folder(output_dir) as staging:  # renamed into place only when everything below succeeded
         with _native_layout(folder, staging, verbose) as native_folder:
             _convert_into(native_folder, staging, weight_format, verbose)
         write_manifest(staging, source, weight_format, _versions())
-        _replace_folder(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     if verbose:
         print(f"✅ {source} converted to {output_dir} ({weight_format})")
     return output_dir
@@ -773,40 +761,6 @@ def _check_replaceable(output_dir: Path) -> None:
         )
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` still runs (POSIX); what tells a killed run's leftovers from a running one's."""
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only (POSIX)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_staging(output_dir: Path) -> None:
-    """Delete folders that killed conversions or model builds left beside ``output_dir`` (``.name.partial-PID-*``,
-    ``.name.old-PID``) once their process is gone, so interrupted runs do not pile up gigabytes."""
-    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
-        return
-    pattern = re.compile(rf"\.{re.escape(output_dir.name)}\.(?:partial|old)-(\d+)(?:-.*)?")
-    for entry in output_dir.parent.iterdir():
-        match = pattern.fullmatch(entry.name)
-        if match and entry.is_dir() and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def _replace_folder(staging: Path, output_dir: Path) -> None:
-    """Rename the finished folder into place; an old output is moved aside first and deleted last."""
-    if output_dir.exists():
-        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-        output_dir.rename(old)
-        staging.rename(output_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(output_dir)
-
-
 def _convert_into(folder: Path, staging: Path, weight_format: str, verbose: bool) -> None:
     import openvino as ov
     from transformers import AutoProcessor, GenerationConfig
@@ -843,7 +797,5 @@ __all__ = [
     "check_model_folder",
     "resolve_source",
     "load_torch_model",
-    "pid_alive",
-    "remove_stale_staging",
     "image_size_of",
 ]

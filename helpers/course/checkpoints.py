@@ -281,10 +281,8 @@ def ensure_converted(
     The cached folder is checked against its manifest (hashes the first time it is used and whenever a file
     changed); a damaged one is refused with the file named and the repair: ``reconvert=True`` converts again.
     """
-    from helpers.convert.conversion import (
-        convert_florence2,
-        remove_stale_staging,
-    )
+    from helpers.convert.conversion import convert_florence2
+    from helpers.folders import remove_stale_staging
     from helpers.ir import (
         GRAPH_VERSION,
         MANIFEST_NAME,

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +33,8 @@ from transformers import (
     GenerationConfig,
 )
 
-from helpers.convert.conversion import remove_stale_staging
 from helpers.course.checkpoints import MODEL_KIND_KEY
+from helpers.folders import remove_stale_staging, staged_folder
 from helpers.convert.native_processor import FLORENCE2_EXTRA_TOKENS, IMAGE_TOKEN, POST_PROCESSOR_CONFIG
 
 VISION_STRIDE = 32  # DaViT downsamples by 4 * 2 * 2 * 2
@@ -227,12 +224,6 @@ def _make_answers_end(model: Florence2ForConditionalGeneration, processor: Flore
 
 
 
-def _make_shareable(folder: Path) -> None:
-    """Give a temporary folder the permissions a normal ``mkdir`` would (honouring the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-
 def make_tiny_florence2(
     output_dir: str | Path,
     *,
@@ -260,10 +251,7 @@ def make_tiny_florence2(
     torch.manual_seed(seed)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(output_dir)  # what killed builds left (≈1 GB each for base-random)
-    # The pid in the name tells a later run a folder left by a killed build from one still being written.
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-{os.getpid()}-", dir=output_dir.parent))
-    _make_shareable(staging)  # mkdtemp makes 0700 folders; a shared kit or cache must be readable
-    try:
+    with staged_folder(output_dir) as staging:
         tokenizer = build_tokenizer(staging, seed=seed)
         processor = build_processor(tokenizer, image_size)
         padded = (len(tokenizer) + 63) // 64 * 64  # the real checkpoints pad their vocabulary too
@@ -279,11 +267,6 @@ def make_tiny_florence2(
             (staging / leftover).unlink()
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output_dir
 
 

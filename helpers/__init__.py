@@ -1,21 +1,16 @@
-"""Helpers for the Florence-2 on OpenVINO notebook collection.
+"""Helpers for the Florence-2 on OpenVINO notebook collection, in layers (docs/CONTRIBUTING.md draws them):
 
-Each module stands on its own (copy the one you need into your project):
+* :mod:`helpers.ir` — the converted-folder contract: part names, weight formats, manifest (02_convert)
+* :mod:`helpers.convert` — ``convert_florence2``: PyTorch checkpoint → OpenVINO IR, needs torch (02_convert)
+* :mod:`helpers.runtime` — ``OVFlorence2Model`` and its generation strategies, torch-free (02_convert, 03, 11);
+  copy ``runtime/`` with ``ir.py`` into your project
+* :mod:`helpers.tasks` — the 15 tasks, prompts, regions and ``run_task`` (04–09)
+* :mod:`helpers.outputs` — draw, export (COCO, supervision) and score answers (04–09, README)
+* :mod:`helpers.course` — model catalogue and cache (``load_model``), samples, tiny/teaching models, kit (00–01, 12)
+* :mod:`helpers.ui`, :mod:`helpers.cli` — widgets and demo (01–03, 10); ``python -m helpers`` (README)
 
-* :mod:`helpers.convert.conversion` — ``convert_florence2``: PyTorch checkpoint → OpenVINO IR (02_convert)
-* :mod:`helpers.convert.original_layout` — original-layout fine-tunes (``microsoft/Florence-2-*``) read as data (README)
-* :mod:`helpers.runtime.ov_model` — ``OVFlorence2Model``: OpenVINO inference with transformers' ``generate`` (02_convert)
-* :mod:`helpers.runtime.numpy_generation`, :mod:`helpers.tasks.numpy_postprocessing` — the same answers without torch (README)
-* :mod:`helpers.course.checkpoints` — checkpoints, ``load_model``: convert once, load anywhere (01_select_model)
-* :mod:`helpers.tasks.run` — the 15 tasks and ``run_task`` (04–09)
-* :mod:`helpers.outputs.plotting` — draw any answer on its image (04–09)
-* :mod:`helpers.course.samples` — sample images shipped with the collection
-* :mod:`helpers.course.tiny` — a tiny random-weight Florence-2 built offline (00_setup)
-* :mod:`helpers.ui.widgets`, :mod:`helpers.ui.demo` — selectors and the interactive demo (01–03, 10_interactive_demo)
-* :mod:`helpers.outputs.scores`, :mod:`helpers.outputs.export`, :mod:`helpers.cli.batch` — confidences, COCO/supervision, folders (README)
-* :mod:`helpers.course.kit` — the offline classroom kit (00_setup)
-
-Imports are lazy so that ``import helpers`` stays fast and torch-free until a helper is used.
+The names below stay importable from ``helpers`` itself. Imports are lazy so that ``import helpers`` stays fast and
+torch-free until a helper is used.
 """
 
 from __future__ import annotations

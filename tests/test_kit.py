@@ -82,7 +82,8 @@ def test_teacher_builds_from_the_hf_cache_and_an_offline_laptop_runs_the_kit(tmp
     )  # fmt: skip
     script = (
         "import importlib.util, sys\n"
-        "from helpers.course.checkpoints import load_model, model_from_env, model_kind\n"
+        "from helpers.course.checkpoints import load_model, model_from_env\n"
+        "from helpers.course.model_kind import model_kind\n"
         "from helpers.course.samples import load_sample\n"
         "from helpers.tasks.run import run_task\n"
         f"spec = importlib.util.spec_from_file_location('runner', {str(RUNNER)!r})\n"

@@ -1,4 +1,4 @@
-"""helpers.course.checkpoints.model_kind: lessons tell a real checkpoint from the teaching model and from random weights."""
+"""helpers.course.model_kind.model_kind: lessons tell a real checkpoint from the teaching model and from random weights."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers.course.checkpoints import MODEL_KIND_KEY, model_kind, model_kind_notice
+from helpers.course.model_kind import MODEL_KIND_KEY, model_kind, model_kind_notice
 from helpers.course.teaching import TEACHING_MODEL_DIR, teaching_model_available
 
 
@@ -53,7 +53,7 @@ def test_notices_say_what_the_answers_are_worth() -> None:
     assert "noise" in model_kind_notice("random") and "64 tokens" in model_kind_notice("random")
     teaching = model_kind_notice("teaching")
     assert "shape scenes" in teaching
-    from helpers.course.checkpoints import teaching_tasks
+    from helpers.course.model_kind import teaching_tasks
     from helpers.tasks.run import TASKS
 
     if set(TASKS) <= set(teaching_tasks()):  # the shipped model's own record decides what the notice claims

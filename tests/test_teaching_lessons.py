@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def teaching():
     """The teaching model as the lessons load it: fp16 OpenVINO on the CPU, with its processor and kind."""
-    from helpers.course.checkpoints import TEACHING_MODEL, load_model, model_kind
+    from helpers.course.checkpoints import TEACHING_MODEL, load_model
+    from helpers.course.model_kind import model_kind
 
     model, processor = load_model(TEACHING_MODEL, "fp16", "CPU")
     return model, processor, model_kind(model)

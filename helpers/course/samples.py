@@ -10,7 +10,7 @@ Every notebook needs pictures that are there offline, with a licence we can redi
   changes.
 
 :func:`lesson_image` picks a lesson's picture for the model it runs: the teaching model (see
-:func:`helpers.course.checkpoints.model_kind`) only knows shape scenes, so it gets the teaching scene instead of a photo.
+:func:`helpers.course.model_kind.model_kind`) only knows shape scenes, so it gets the teaching scene instead of a photo.
 
 Taught in ``notebooks/00_setup.ipynb`` (what ships and why) and used by every task notebook
 (``04_captioning`` to ``09_ocr``) to pick an input image.
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from PIL import Image, ImageDraw, ImageFont
 
 if TYPE_CHECKING:  # helpers.course.teaching.scenes imports this module, so it is imported inside the functions
-    from helpers.course.checkpoints import ModelKind
+    from helpers.course.model_kind import ModelKind
     from helpers.course.teaching.scenes import Scene
 
 #: Folder holding the shipped images (inside the installed package, so it works from any working directory).
@@ -333,7 +333,7 @@ def teaching_scene_answer() -> dict[str, list]:
 
 def lesson_sample(name: str, kind: ModelKind) -> str:
     """The sample a lesson shows where it asks for ``name``, given the kind of model it runs
-    (:func:`helpers.course.checkpoints.model_kind`). Taught in ``notebooks/04_captioning.ipynb``.
+    (:func:`helpers.course.model_kind.model_kind`). Taught in ``notebooks/04_captioning.ipynb``.
 
     Real and random models get ``name``. The teaching model only learned generated shape scenes, so on a photo,
     a document or the star-and-ellipse shapes scene its answers would be meaningless: it gets the teaching scene,

@@ -33,7 +33,7 @@ from transformers import (
     GenerationConfig,
 )
 
-from helpers.course.checkpoints import MODEL_KIND_KEY
+from helpers.course.model_kind import MODEL_KIND_KEY
 from helpers.folders import remove_stale_staging, staged_folder
 from helpers.convert.native_processor import FLORENCE2_EXTRA_TOKENS, IMAGE_TOKEN, POST_PROCESSOR_CONFIG
 
@@ -262,7 +262,7 @@ def make_tiny_florence2(
         if eos_pull is not None:
             _make_answers_end(model, processor, eos_pull)
         model.generation_config = build_generation_config()
-        setattr(model.config, MODEL_KIND_KEY, "random")  # what helpers.course.checkpoints.model_kind reads: answers are noise
+        setattr(model.config, MODEL_KIND_KEY, "random")  # what helpers.course.model_kind.model_kind reads: answers are noise
         for leftover in ("vocab.json", "merges.txt"):
             (staging / leftover).unlink()
         model.save_pretrained(staging)

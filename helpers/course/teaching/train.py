@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from helpers.course.checkpoints import MODEL_KIND_KEY
+from helpers.course.model_kind import MODEL_KIND_KEY
 from helpers.course.teaching.scenes import (
     CATEGORIES,
     COLOURS,
@@ -560,7 +560,7 @@ def save_model(model, processor, output_dir: str | Path, *, training: dict | Non
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
-        # The mark lessons read with helpers.course.checkpoints.model_kind: this model knows shape scenes only.
+        # The mark lessons read with helpers.course.model_kind.model_kind: this model knows shape scenes only.
         setattr(model.config, MODEL_KIND_KEY, "teaching")
         model.save_pretrained(staging)
         processor.save_pretrained(staging)

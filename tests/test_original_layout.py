@@ -20,7 +20,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import EXACT_OV_CONFIG
 from helpers.convert.native_processor import FLORENCE2_EXTRA_TOKENS
 from helpers.course.tiny import make_tiny_florence2
 
@@ -476,7 +475,7 @@ def test_a_converted_fine_tune_answers_like_pytorch_token_for_token(odd_fine_tun
 
     from helpers.ir import verify_conversion
     from helpers.convert.original_layout import convert_to_native
-    from helpers.runtime.ov_model import OVFlorence2Model
+    from helpers.runtime.ov_model import EXACT_CONFIG, OVFlorence2Model
 
     original, _, converted = odd_fine_tune
     assert verify_conversion(converted)["source"] == str(original)
@@ -490,7 +489,7 @@ def test_a_converted_fine_tune_answers_like_pytorch_token_for_token(odd_fine_tun
     assert processor.image_processor.size == {"height": 384, "width": 384}
 
     torch_model = Florence2ForConditionalGeneration.from_pretrained(native).eval()
-    ov_model = OVFlorence2Model(converted, "CPU", EXACT_OV_CONFIG, cache_dir=None)
+    ov_model = OVFlorence2Model(converted, "CPU", EXACT_CONFIG, cache_dir=None)
     answers = set()
     for seed, prompt in enumerate(PROMPTS):
         inputs = processor(text=prompt, images=noise_image(120, 90, seed), return_tensors="pt")
@@ -508,10 +507,11 @@ def test_load_model_the_command_line_and_the_kit_take_the_folder(odd_fine_tune, 
     from helpers.cli.main import main
     from helpers.course.kit import build_kit
     from helpers.course.checkpoints import load_model
+    from helpers.runtime.ov_model import EXACT_CONFIG
 
     original, models, converted = odd_fine_tune
     monkeypatch.setenv("FLORENCE2_MODELS_DIR", str(models))
-    model, processor = load_model(str(original), "fp32", "CPU", EXACT_OV_CONFIG)
+    model, processor = load_model(str(original), "fp32", "CPU", EXACT_CONFIG)
     assert model.model_dir == converted  # converted once, then found again in the cache
 
     image = tmp_path / "noise.png"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from numbers import Real
 import sys
 import warnings
 from collections.abc import Sequence
@@ -49,6 +50,7 @@ __all__ = [
     "check_generate_kwargs",
     "format_region",
     "load_image",
+    "check_box_answer",
     "loc_to_box",
     "looks_like_pixel_box",
     "parse_pixel_box",
@@ -410,6 +412,25 @@ def box_to_loc(
     return format_region(
         (quantize(x1, per_bin_w), quantize(y1, per_bin_h), quantize(x2, per_bin_w), quantize(y2, per_bin_h))
     )
+
+
+def check_box_answer(answer: Any, boxes_key: str = "bboxes", labels_key: str = "labels") -> int:
+    """How many boxes a well-formed box answer holds; ``ValueError`` naming what is wrong otherwise (a missing key,
+    a label count that differs from the box count, a box that is not four numbers, a label that is not text).
+    Structure only: it does not judge whether the boxes are right. Taught in ``notebooks/05_detection.ipynb``
+    (and used again in ``06_grounding``)."""
+    if not isinstance(answer, dict) or boxes_key not in answer or labels_key not in answer:
+        got = sorted(answer) if isinstance(answer, dict) else type(answer).__name__
+        raise ValueError(f"A box answer needs the keys {boxes_key!r} and {labels_key!r}; got {got}.")
+    boxes, labels = answer[boxes_key], answer[labels_key]
+    if len(boxes) != len(labels):
+        raise ValueError(f"{len(boxes)} boxes but {len(labels)} labels: a box answer has one label per box.")
+    for box in boxes:
+        if len(box) != 4 or not all(isinstance(value, Real) for value in box):
+            raise ValueError(f"Not a box of four numbers (x1, y1, x2, y2): {box}")
+    if not all(isinstance(label, str) for label in labels):
+        raise ValueError(f"Labels must be strings, got {[type(label).__name__ for label in labels]}.")
+    return len(boxes)
 
 
 def loc_to_box(loc_string: str, image_size: Sequence[float]) -> tuple[float, float, float, float]:

@@ -35,6 +35,7 @@ import numpy as np
 import openvino as ov
 
 from helpers.ir import IncompleteConversionError, pytorch_weight_files, reconvert_hint, verify_conversion
+from helpers.runtime.devices import check_device
 from helpers.runtime.generation import GeneratorName, check_generator, check_torch_for_transformers, choose_strategy
 
 #: Settings that make OpenVINO reproduce PyTorch float32 exactly (this CPU otherwise runs bf16 and a u8 KV cache).
@@ -81,30 +82,6 @@ class ImageFeatureCache:
 
     def __len__(self) -> int:
         return len(self._items)
-
-
-def available_devices(core: ov.Core | None = None) -> list[str]:
-    """OpenVINO devices on this machine, plus the virtual ``AUTO``."""
-    return [*(core or ov.Core()).available_devices, "AUTO"]
-
-
-def _check_device(core: ov.Core, device: str) -> None:
-    choices = ", ".join(available_devices(core))
-    if not isinstance(device, str) or not device.strip():
-        raise ValueError(f"device must be a device name such as 'CPU' or 'AUTO', got {device!r}. Available: {choices}.")
-    if device in ("MULTI", "HETERO"):
-        raise ValueError(f"{device} needs a list of devices, e.g. '{device}:CPU'. Available: {choices}.")
-    physical = device.split(":", 1)[-1] if device.startswith(("AUTO", "MULTI", "HETERO")) else device
-    wanted = [d for d in physical.split(",") if d and d not in ("AUTO", "MULTI", "HETERO")]
-    known = core.available_devices
-    # "GPU" is valid when OpenVINO lists "GPU.0", "GPU.1"; "CPU.0" is not when it lists only "CPU".
-    missing = [d for d in wanted if d not in known and not any(k.split(".")[0] == d for k in known)]
-    if missing:
-        case = [d.upper() for d in missing if d.upper() in known]
-        hint = f" Device names are upper-case: use '{case[0]}'." if case else ""
-        raise ValueError(
-            f"Device {', '.join(missing)} is not available here.{hint} Pass one of the available devices: {choices}."
-        )
 
 
 #: ``FLORENCE2_COMPILED_CACHE``: where compiled models are cached: a folder (one sub-folder per model), or ``off``.
@@ -215,7 +192,7 @@ class OVFlorence2Model:
                 f"part_config has unknown parts {sorted(unknown)}; use vision_encoder, encoder, decoder, token_embeddings."
             )
         self.core = ov.Core()
-        _check_device(self.core, device)
+        check_device(self.core, device)
         self._set_compile_cache(cache_dir)
         self.image_cache = ImageFeatureCache(image_cache_size)
         self._lock = threading.RLock()

@@ -47,6 +47,7 @@ SCRIPT = textwrap.dedent(
     import numpy as np
     from PIL import Image
     from transformers import AutoProcessor
+    from helpers.runtime.generation import choose_strategy
     from helpers.runtime.ov_model import EXACT_CONFIG, OVFlorence2Model
     from helpers.tasks.run import TASKS, run_cascaded_task, run_task, run_tasks_batch
 
@@ -70,7 +71,7 @@ SCRIPT = textwrap.dedent(
     result = {
         "answers": answers,
         "torch_imported": "torch" in sys.modules,
-        "generator": model._resolve_generator(None, {}),
+        "generator": choose_strategy(model.generation, model, {}).name,
         "image_processor": type(processor.image_processor).__name__,
     }
     out.write_text(json.dumps(result))

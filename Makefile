@@ -1,7 +1,8 @@
 # Florence-2 on OpenVINO — build, run and test the notebook collection.
 #
 #   make run    run every lesson headless, in order; executed copies (.ipynb + .html) go to output/
-#   make test   pytest over tests/ plus every notebook with nbval (offline, on a tiny model)
+#   make test   ruff (lint + format check), the import contracts (lint-imports), then pytest over tests/ plus every
+#               notebook with nbval (offline, on a tiny model)
 #   make lab    open the lessons in JupyterLab
 #   make clean  remove outputs and build files (keeps .venv and the converted models in models/)
 #
@@ -29,11 +30,12 @@ NBVAL_ARGS := $(if $(NOTEBOOKS),--nbval-lax --nbval-current-env --nbval-cell-tim
 LAB_ARGS := $(if $(filter 0,$(shell id -u)),--allow-root)
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lab clean distclean venv screenshot
+.PHONY: help run test lint lab clean distclean venv screenshot
 
 help:
 	@echo "make run        run every notebook in notebooks/ headless; executed copies go to output/"
-	@echo "make test       offline tests: pytest tests/ + every notebook with nbval"
+	@echo "make test       lint (ruff, import contracts), then offline tests: pytest tests/ + every notebook with nbval"
+	@echo "make lint       only ruff check, ruff format --check and lint-imports (seconds)"
 	@echo "make lab        open the lessons in JupyterLab"
 	@echo "make screenshot re-take docs/demo.png with the browser test (needs chromium)"
 	@echo "make clean      remove output/, build/ and caches (keeps .venv and models/)"
@@ -58,8 +60,14 @@ $(STAMP): requirements.txt pyproject.toml
 run: $(STAMP)
 	$(VPY) scripts/run_collection.py $(RUN_ARGS)
 
+# The shape of helpers/ (docs/CONTRIBUTING.md): ruff's rules and format, and the layer contracts in pyproject.toml.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
+
 # Exit code 5 is pytest's "no tests were collected": turn it into a loud failure instead of a quiet pass.
-test: $(STAMP)
+test: lint
 	@echo "HF_HUB_OFFLINE=1 $(VPY) -m pytest -p no:cacheprovider tests/ $(NBVAL_ARGS)"
 	@HF_HUB_OFFLINE=1 $(VPY) -m pytest -p no:cacheprovider tests/ $(NBVAL_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests at all -- failing on purpose." >&2; exit 1; fi; \

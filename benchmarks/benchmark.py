@@ -118,10 +118,10 @@ class StepTimer:
 def load_backend(backend: str, source: str, ov_dir: str | None, cache_dir: str | None) -> Any:
     """Load one backend's model: PyTorch eager, or ``OVFlorence2Model`` compiled with ``cache_dir``."""
     if backend == "pytorch":
-        from helpers.conversion import load_torch_model
+        from helpers.convert.conversion import load_torch_model
 
         return load_torch_model(Path(source))
-    from helpers.ov_model import OVFlorence2Model
+    from helpers.runtime.ov_model import OVFlorence2Model
 
     _, ov_config, _ = OV_BACKENDS[backend]
     return OVFlorence2Model(ov_dir, "CPU", ov_config, cache_dir=cache_dir)
@@ -149,7 +149,7 @@ def measure_backend(backend: str, source: str, ov_dir: str | None, args: dict) -
     import torch
     from transformers import AutoProcessor
 
-    from helpers.samples import load_sample
+    from helpers.course.samples import load_sample
 
     torch.set_num_threads(args["threads"])
     n, repeats = args["new_tokens"], args["repeats"]
@@ -300,7 +300,7 @@ def measure_deployed_memory(backend: str, source: str, ov_dir: str | None, args:
 
     from transformers import AutoProcessor
 
-    from helpers.samples import load_sample
+    from helpers.course.samples import load_sample
 
     no_grad = contextlib.nullcontext()
     if backend == "pytorch":
@@ -329,7 +329,7 @@ def measure_deployed_memory(backend: str, source: str, ov_dir: str | None, args:
 
 def prepare(model: str, formats: list[str], verbose: bool) -> tuple[str, dict[str, Path], dict[str, float]]:
     """Resolve the model (building ``base-random``/``tiny`` offline) and convert it to each format (cached)."""
-    from helpers.models import ensure_converted, resolve_model
+    from helpers.course.checkpoints import ensure_converted, resolve_model
 
     source = resolve_model(model)
     folders, seconds = {}, {}
@@ -609,7 +609,7 @@ ENGINE_SETUPS: tuple[tuple[str, int, int], ...] = (("local", 1, 1), ("local", 4,
 
 def _engine_images(folder: Path, count: int) -> Path:
     """``count`` different pictures (the samples, resized variants of them) as files, like a user's folder."""
-    from helpers.samples import load_sample
+    from helpers.course.samples import load_sample
 
     folder.mkdir(parents=True, exist_ok=True)
     samples = [load_sample(name) for name in ("grace_hopper", "pagoda", "flower", "shapes")]
@@ -624,8 +624,8 @@ def _engine_images(folder: Path, count: int) -> Path:
 
 def _time_local(model_dir: str, images: Path, out: Path, batch_size: int, gen: dict) -> dict:
     """One process: load (not timed), warm up on one image, then label the folder."""
-    from helpers.batch import process_images
-    from helpers.ov_model import OVFlorence2Model
+    from helpers.cli.batch import process_images
+    from helpers.runtime.ov_model import OVFlorence2Model
     from transformers import AutoProcessor
 
     model = OVFlorence2Model(model_dir, "CPU")
@@ -642,7 +642,7 @@ def _time_local(model_dir: str, images: Path, out: Path, batch_size: int, gen: d
 def _time_ray(model: str, images: Path, out: Path, batch_size: int, workers: int, gen: dict) -> dict:
     """Ray Data on the cluster this process joined: actors start and load the model inside the timed span, so the
     time to the first answered chunk is reported apart and the steady rate is taken after it."""
-    from helpers.ray_engine import label_on_ray
+    from helpers.cli.ray_engine import label_on_ray
 
     cores = os.cpu_count() or 1
     start = time.perf_counter()
@@ -666,7 +666,7 @@ def run_engine_throughput(
     Writes ``benchmarks/results/engines-<model>.json`` (or ``output``) and returns the report with its table."""
     import gc
 
-    from helpers.ray_engine import keep_local_cluster_on_loopback
+    from helpers.cli.ray_engine import keep_local_cluster_on_loopback
 
     keep_local_cluster_on_loopback()
     import ray

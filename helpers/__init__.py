@@ -1,21 +1,16 @@
-"""Helpers for the Florence-2 on OpenVINO notebook collection.
+"""Helpers for the Florence-2 on OpenVINO notebook collection, in layers (docs/CONTRIBUTING.md draws them):
 
-Each module stands on its own (copy the one you need into your project):
+* :mod:`helpers.ir` — the converted-folder contract: part names, weight formats, manifest (02_convert)
+* :mod:`helpers.convert` — ``convert_florence2``: PyTorch checkpoint → OpenVINO IR, needs torch (02_convert)
+* :mod:`helpers.runtime` — ``OVFlorence2Model`` and its generation strategies, torch-free (02_convert, 03, 11);
+  copy ``runtime/`` with ``ir.py`` into your project
+* :mod:`helpers.tasks` — the 15 tasks, prompts, regions and ``run_task`` (04–09)
+* :mod:`helpers.outputs` — draw, export (COCO, supervision) and score answers (04–09, README)
+* :mod:`helpers.course` — model catalogue and cache (``load_model``), samples, tiny/teaching models, kit (00–01, 12)
+* :mod:`helpers.ui`, :mod:`helpers.cli` — widgets and demo (01–03, 10); ``python -m helpers`` (README)
 
-* :mod:`helpers.conversion` — ``convert_florence2``: PyTorch checkpoint → OpenVINO IR (02_convert)
-* :mod:`helpers.original_layout` — original-layout fine-tunes (``microsoft/Florence-2-*``) read as data (README)
-* :mod:`helpers.ov_model` — ``OVFlorence2Model``: OpenVINO inference with transformers' ``generate`` (02_convert)
-* :mod:`helpers.numpy_generation`, :mod:`helpers.numpy_postprocessing` — the same answers without torch (README)
-* :mod:`helpers.models` — checkpoints, ``load_model``: convert once, load anywhere (01_select_model)
-* :mod:`helpers.tasks` — the 15 tasks and ``run_task`` (04–09)
-* :mod:`helpers.plotting` — draw any answer on its image (04–09)
-* :mod:`helpers.samples` — sample images shipped with the collection
-* :mod:`helpers.tiny` — a tiny random-weight Florence-2 built offline (00_setup)
-* :mod:`helpers.widgets`, :mod:`helpers.demo` — selectors and the interactive demo (01–03, 10_interactive_demo)
-* :mod:`helpers.scores`, :mod:`helpers.export`, :mod:`helpers.batch` — confidences, COCO/supervision, folders (README)
-* :mod:`helpers.kit` — the offline classroom kit (00_setup)
-
-Imports are lazy so that ``import helpers`` stays fast and torch-free until a helper is used.
+The names below stay importable from ``helpers`` itself. Imports are lazy so that ``import helpers`` stays fast and
+torch-free until a helper is used.
 """
 
 from __future__ import annotations
@@ -24,25 +19,25 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "convert_florence2": "helpers.conversion",
-    "OVFlorence2Model": "helpers.ov_model",
-    "EXACT_CONFIG": "helpers.ov_model",
-    "load_model": "helpers.models",
-    "ensure_converted": "helpers.models",
-    "model_from_env": "helpers.models",
-    "device_from_env": "helpers.models",
-    "run_task": "helpers.tasks",
-    "load_image": "helpers.tasks",
-    "TASKS": "helpers.tasks",
-    "draw_answer": "helpers.plotting",
-    "plot_answer": "helpers.plotting",
-    "load_sample": "helpers.samples",
-    "make_tiny_florence2": "helpers.tiny",
-    "run_task_with_scores": "helpers.scores",
-    "to_coco": "helpers.export",
-    "to_supervision": "helpers.export",
-    "build_kit": "helpers.kit",
-    "build_demo": "helpers.demo",
+    "convert_florence2": "helpers.convert.conversion",
+    "OVFlorence2Model": "helpers.runtime.ov_model",
+    "EXACT_CONFIG": "helpers.runtime.ov_model",
+    "load_model": "helpers.course.checkpoints",
+    "ensure_converted": "helpers.course.checkpoints",
+    "model_from_env": "helpers.course.checkpoints",
+    "device_from_env": "helpers.course.checkpoints",
+    "run_task": "helpers.tasks.run",
+    "load_image": "helpers.tasks.run",
+    "TASKS": "helpers.tasks.run",
+    "draw_answer": "helpers.outputs.plotting",
+    "plot_answer": "helpers.outputs.plotting",
+    "load_sample": "helpers.course.samples",
+    "make_tiny_florence2": "helpers.course.tiny",
+    "run_task_with_scores": "helpers.outputs.scores",
+    "to_coco": "helpers.outputs.export",
+    "to_supervision": "helpers.outputs.export",
+    "build_kit": "helpers.course.kit",
+    "build_demo": "helpers.ui.demo",
 }
 
 __all__ = list(_EXPORTS)

@@ -45,8 +45,8 @@ def choose_model() -> str:
     local folder, the classroom kit (``FLORENCE2_KIT``), the converted-model cache, the Hugging Face cache or the
     hub; for the default model otherwise the offline teaching model (else the tiny one), announced as such. Any
     other model that cannot be had stops the run before a notebook starts."""
-    from helpers.models import DEFAULT_MODEL, TEACHING_MODEL, hub_model_unavailable, hub_reachable, resolve_model
-    from helpers.teaching import TEACHING_MODEL_DIR
+    from helpers.course.checkpoints import DEFAULT_MODEL, TEACHING_MODEL, hub_model_unavailable, hub_reachable, resolve_model
+    from helpers.course.teaching import TEACHING_MODEL_DIR
 
     if not hub_reachable():
         os.environ["HF_HUB_OFFLINE"] = "1"  # the kernels must not wait on the network either
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["FLORENCE2_MODEL"] = choose_model()
     os.environ.setdefault("FLORENCE2_DEVICE", "AUTO")
     os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # quiets a debugger warning at kernel start
-    from helpers.models import kit_from_env, models_dir
+    from helpers.course.checkpoints import kit_from_env, models_dir
 
     kit = kit_from_env()
     print(f"Device: {os.environ['FLORENCE2_DEVICE']}; converted models cached in {models_dir()}"

@@ -1,7 +1,7 @@
 """Soak test: many consecutive generations on one OpenVINO Florence-2, watching memory.
 
 A classroom or a service runs thousands of requests on one loaded model; a few kilobytes kept per request add up.
-This script runs ``--iterations`` generations (default 500) through :func:`helpers.tasks.run_task`, cycling over all
+This script runs ``--iterations`` generations (default 500) through :func:`helpers.tasks.run.run_task`, cycling over all
 15 tasks, images of varying size and mode, greedy and beam search, then prints how much the process's memory grew
 after a warm-up:
 
@@ -52,7 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run from a checkout without installing helpers
     sys.path.insert(0, str(REPO))
 
-from helpers.tasks import TASKS, run_task  # noqa: E402
+from helpers.tasks.run import TASKS, run_task  # noqa: E402
 
 #: Text inputs for the tasks that need one, regions given both ways (string and pixel box).
 TEXT_INPUTS = {
@@ -115,8 +115,8 @@ def mixed_call(model, processor, iteration: int, workdir: Path) -> None:
     with confidence scores, and a batch run (3 images, 2 tasks) into a fresh output folder under ``workdir``."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from helpers.batch import process_images
-    from helpers.scores import SCORED_TASKS, run_task_with_scores
+    from helpers.cli.batch import process_images
+    from helpers.outputs.scores import SCORED_TASKS, run_task_with_scores
 
     kind = iteration % 4
     if kind == 0:
@@ -212,11 +212,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoProcessor
 
-    from helpers.ov_model import OVFlorence2Model
+    from helpers.runtime.ov_model import OVFlorence2Model
 
     model_dir = args.model_dir
     if model_dir is None:
-        from helpers.models import TINY_MODEL, ensure_converted
+        from helpers.course.checkpoints import TINY_MODEL, ensure_converted
 
         model_dir = ensure_converted(TINY_MODEL, "fp32")
     model = OVFlorence2Model(model_dir, args.device)

@@ -11,14 +11,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-#: OpenVINO settings for token-exact parity with PyTorch (this CPU defaults to bf16 and a u8 KV cache).
-EXACT_OV_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
-
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight Florence-2 in native transformers layout (768 px, like the real models)."""
-    from helpers.tiny import make_tiny_florence2
+    from helpers.course.tiny import make_tiny_florence2
 
     return make_tiny_florence2(tmp_path_factory.mktemp("models") / "tiny-florence2")
 
@@ -45,14 +42,14 @@ def pytest_configure(config: pytest.Config) -> None:
     models go to ``build/test-models/converted``; the device is the CPU; ``FLORENCE2_QUICK=1`` asks lessons for their
     small form.
     """
-    from helpers.ray_engine import keep_local_cluster_on_loopback
+    from helpers.cli.ray_engine import keep_local_cluster_on_loopback
 
     keep_local_cluster_on_loopback()  # every Ray cluster a test or a lesson's kernel starts listens on 127.0.0.1 only
     test_models = Path(__file__).resolve().parent.parent / "build" / "test-models"
     if not os.environ.get("FLORENCE2_MODEL"):
         tiny_dir = test_models / "tiny-florence2"
         if not (tiny_dir / "model.safetensors").exists():  # a finished folder: skip importing torch here
-            from helpers.tiny import make_tiny_florence2
+            from helpers.course.tiny import make_tiny_florence2
 
             test_models.mkdir(parents=True, exist_ok=True)
             with open(test_models / ".build.lock", "w") as lock:  # parallel workers build it only once

@@ -1,4 +1,4 @@
-"""helpers.batch and `python -m helpers FOLDER_OR_GLOB`: JSONL per image, COCO, drawings, resume, failures."""
+"""helpers.cli.batch and `python -m helpers FOLDER_OR_GLOB`: JSONL per image, COCO, drawings, resume, failures."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers.batch import find_images, process_images, read_results, wants_batch
-from helpers.scores import run_task_with_scores
+from helpers.cli.batch import find_images, process_images, read_results, wants_batch
+from helpers.outputs.scores import run_task_with_scores
 
 FAST = {"max_new_tokens": 12, "num_beams": 1}
 GOOD = ["a.png", "b.jpg", "c.png"]
@@ -140,7 +140,7 @@ def test_command_line_tells_folders_and_globs_from_images(folder) -> None:
 
 @pytest.mark.slow
 def test_python_m_helpers_runs_a_glob_and_still_runs_one_image(folder, tmp_path, tiny_model_dir, capsys) -> None:
-    from helpers.__main__ import main
+    from helpers.cli.main import main
 
     common = ["--model", str(tiny_model_dir), "--device", "CPU", "--max-new-tokens", "8", "--num-beams", "1"]
     out = tmp_path / "cli"
@@ -172,7 +172,7 @@ def _same_names_other_pixels(folder: Path, target: Path) -> Path:
 
 
 def test_an_output_folder_answers_one_request(folder, tmp_path, tiny_torch_model, tiny_processor) -> None:
-    from helpers.batch import RequestMismatchError
+    from helpers.cli.batch import RequestMismatchError
 
     out = tmp_path / "out"
     process_images(tiny_torch_model, tiny_processor, folder, "<OD>", out, progress=False, **FAST)
@@ -209,7 +209,7 @@ def test_a_changed_image_is_answered_again(folder, tmp_path, tiny_torch_model, t
     assert (summary.processed, summary.changed, summary.skipped) == (1, ["c.png"], 2)
     new = read_results(out / "results.jsonl")[0]["c.png"]
     assert new["sha256"] != old["sha256"]
-    from helpers.tasks import run_task
+    from helpers.tasks.run import run_task
 
     expected = run_task(tiny_torch_model, tiny_processor, folder / "c.png", "<CAPTION>", **FAST)
     assert new["results"]["<CAPTION>"] == expected["<CAPTION>"]
@@ -231,7 +231,7 @@ def test_settings_are_checked_before_any_image(folder, tmp_path, tiny_torch_mode
 
 
 def test_cli_refuses_a_mistyped_setting_and_says_how_to_retry(folder, tmp_path, capsys) -> None:
-    from helpers.batch import main
+    from helpers.cli.batch import main
 
     status = main([str(folder), "--max-new-tokens", "0", "--output-dir", str(tmp_path / "o"), "--quiet"])
     assert status == 2 and "max_new_tokens must be between 1" in capsys.readouterr().err
@@ -240,7 +240,7 @@ def test_cli_refuses_a_mistyped_setting_and_says_how_to_retry(folder, tmp_path, 
 
 def test_failures_caused_by_the_request_are_retried(folder, tmp_path, tiny_torch_model, tiny_processor,
                                                      monkeypatch, capsys) -> None:  # fmt: skip
-    from helpers.batch import describe
+    from helpers.cli.batch import describe
 
     out = tmp_path / "out"
     real_generate = tiny_torch_model.generate
@@ -265,7 +265,7 @@ def test_one_writer_per_output_folder(folder, tmp_path, tiny_torch_model, tiny_p
     import subprocess
     import sys
 
-    from helpers.batch import BatchLockedError, output_lock
+    from helpers.cli.batch import BatchLockedError, output_lock
 
     out = tmp_path / "out"
     with output_lock(out):
@@ -285,7 +285,7 @@ def test_one_writer_per_output_folder(folder, tmp_path, tiny_torch_model, tiny_p
 def test_a_name_that_is_not_utf8_never_stops_a_run(folder, tmp_path, tiny_torch_model, tiny_processor) -> None:
     import os
 
-    from helpers.batch import describe
+    from helpers.cli.batch import describe
 
     good_odd = os.fsdecode(bytes(folder) + b"/caf\xe9.png")  # Latin-1 bytes: not valid UTF-8
     broken_odd = os.fsdecode(bytes(folder) + b"/bad\xff.jpg")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers.tasks import TASKS, build_prompt, looks_like_pixel_box, parse_pixel_box, resolve_task
+from helpers.tasks.run import TASKS, build_prompt, looks_like_pixel_box, parse_pixel_box, resolve_task
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,11 +25,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import helpers.conversion as conversion
-from helpers.conversion import (
+import helpers.convert.conversion as conversion
+from helpers import ir
+from helpers.convert.conversion import (
+    convert_florence2,
+)
+from helpers.ir import (
     ConversionError,
     IncompleteConversionError,
-    convert_florence2,
     is_converted,
     read_manifest,
     verify_conversion,
@@ -47,7 +50,7 @@ from pathlib import Path
 
 import openvino as ov
 
-import helpers.conversion as conv
+import helpers.convert.conversion as conv
 
 source, output, prebuilt, kill_at, overwrite = sys.argv[1:6]
 output = Path(output)
@@ -94,7 +97,9 @@ def write_manifest(folder, *args, **kwargs):
 
 
 conv.write_manifest = write_manifest
-real_replace_folder = conv._replace_folder
+import helpers.folders as folders
+
+real_replace_folder = folders.replace_folder
 
 
 def replace_folder(staging, output_dir):
@@ -103,7 +108,7 @@ def replace_folder(staging, output_dir):
     return real_replace_folder(staging, output_dir)
 
 
-conv._replace_folder = replace_folder
+folders.replace_folder = replace_folder
 real_rename = Path.rename
 
 
@@ -126,7 +131,7 @@ print("FINISHED", flush=True)
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(tiny source checkpoint, its complete fp32 conversion), built once and cached under FLORENCE2_MODELS_DIR."""
-    from helpers.models import TINY_MODEL, ensure_converted, resolve_model
+    from helpers.course.checkpoints import TINY_MODEL, ensure_converted, resolve_model
 
     source = Path(resolve_model(TINY_MODEL))
     converted = ensure_converted(str(source), "fp32")
@@ -177,7 +182,7 @@ def ir_hashes(folder: Path) -> dict[str, str]:
 
 def assert_refused_clearly(output: Path) -> None:
     """Not taken as complete by is_converted, verify_conversion or OVFlorence2Model, each saying what to do."""
-    from helpers.ov_model import OVFlorence2Model
+    from helpers.runtime.ov_model import OVFlorence2Model
 
     assert not is_converted(output)
     with pytest.raises((FileNotFoundError, IncompleteConversionError)) as caught:
@@ -290,7 +295,7 @@ def _dead_pid() -> int:
 
 
 def test_truncated_ir_file_is_detected_and_refused(tmp_path, reference):
-    from helpers.ov_model import OVFlorence2Model
+    from helpers.runtime.ov_model import OVFlorence2Model
 
     source, converted = reference
     output = copy_conversion(converted, tmp_path / "out")
@@ -331,7 +336,7 @@ def test_corrupted_ir_file_of_the_same_size_fails_the_hash_check(tmp_path, refer
          "manifest-empty-files", "old-layout"],
 )  # fmt: skip
 def test_damaged_output_is_refused_with_how_to_reconvert(tmp_path, reference, damage, message):
-    from helpers.ov_model import OVFlorence2Model
+    from helpers.runtime.ov_model import OVFlorence2Model
 
     _, converted = reference
     output = copy_conversion(converted, tmp_path / "out")
@@ -435,7 +440,7 @@ def test_overwrite_replaces_an_earlier_conversion(tmp_path, reference, reuse_pre
     (output / "compiled_cache").mkdir()
     _edit_manifest(output, layout_version=0)
     convert_florence2(source, output, "fp32", overwrite=True, verbose=False)
-    assert verify_conversion(output)["layout_version"] == conversion.LAYOUT_VERSION
+    assert verify_conversion(output)["layout_version"] == ir.LAYOUT_VERSION
     assert leftovers(output) == []
 
 
@@ -443,7 +448,7 @@ def test_converted_model_still_answers_after_a_rerun(tmp_path, reference, reuse_
     """The IR a rerun writes is not only byte-identical on paper: it loads and generates like the original."""
     from transformers import AutoProcessor
 
-    from helpers.ov_model import EXACT_CONFIG, OVFlorence2Model
+    from helpers.runtime.ov_model import EXACT_CONFIG, OVFlorence2Model
 
     source, converted = reference
     output = convert_florence2(source, tmp_path / "out", "fp32", verbose=False)
@@ -462,35 +467,35 @@ def test_converted_model_still_answers_after_a_rerun(tmp_path, reference, reuse_
 
 def _older_conversion(reference: tuple[Path, Path], source: Path, models_dir: Path) -> Path:
     """A complete conversion of ``source`` as an older converter left it: no ``graph_version`` in its manifest."""
-    from helpers.models import converted_dir
+    from helpers.course.checkpoints import converted_dir
 
     folder = converted_dir(str(source), "fp32")
     shutil.copytree(reference[1], folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     del manifest["graph_version"]
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    assert conversion.graph_version(folder) == 1
+    assert ir.graph_version(folder) == 1
     return folder
 
 
 def test_an_older_conversion_is_converted_again_when_the_source_is_there(reference, tmp_path, monkeypatch, capsys):
-    from helpers.models import ensure_converted
+    from helpers.course.checkpoints import ensure_converted
 
     monkeypatch.setenv("FLORENCE2_MODELS_DIR", str(tmp_path / "models"))
     folder = _older_conversion(reference, reference[0], tmp_path / "models")
     assert ensure_converted(str(reference[0]), "fp32") == folder
-    assert conversion.graph_version(folder) == conversion.GRAPH_VERSION
+    assert ir.graph_version(folder) == ir.GRAPH_VERSION
     verify_conversion(folder)
     assert "converted by an older version" in capsys.readouterr().out
 
 
 def test_an_older_conversion_is_kept_when_the_source_is_gone(reference, tmp_path, monkeypatch, capsys):
-    from helpers.models import ensure_converted
+    from helpers.course.checkpoints import ensure_converted
 
     monkeypatch.setenv("FLORENCE2_MODELS_DIR", str(tmp_path / "models"))
     source = tmp_path / "deleted-source"
     folder = _older_conversion(reference, source, tmp_path / "models")
     assert ensure_converted(str(source), "fp32") == folder
-    assert conversion.graph_version(folder) == 1  # untouched, still loads
+    assert ir.graph_version(folder) == 1  # untouched, still loads
     verify_conversion(folder)
     assert "Using the older conversion" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""helpers.demo: the Run button's callback, called directly, and the widget driven like a user (``.click()``).
+"""helpers.ui.demo: the Run button's callback, called directly, and the widget driven like a user (``.click()``).
 
 Everything runs on the tiny random-weight model converted to OpenVINO: its answers are noise, so the tests check
 structure (which keys, which sizes, what got drawn, what the widgets show), never particular words or boxes.
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers.demo import (
+from helpers.ui.demo import (
     BUSY_LABEL,
     CSS_CLASSES,
     RUN_LABEL,
@@ -26,9 +26,9 @@ from helpers.demo import (
     run_demo_request,
     task_hint,
 )
-from helpers.plotting import draw_answer
-from helpers.samples import load_sample, sample_path
-from helpers.tasks import CASCADED_TASKS, TASKS, box_to_loc
+from helpers.outputs.plotting import draw_answer
+from helpers.course.samples import load_sample, sample_path
+from helpers.tasks.run import CASCADED_TASKS, TASKS, box_to_loc
 
 #: Short answers keep the tests quick; the demo passes these through to generate like any user setting.
 FAST = {"max_new_tokens": 24, "num_beams": 1}
@@ -36,8 +36,8 @@ FAST = {"max_new_tokens": 24, "num_beams": 1}
 
 @pytest.fixture(scope="module")
 def ov_tiny(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The tiny model converted (fp32) into a private cache and loaded on the CPU with helpers.models.load_model."""
-    from helpers.models import load_model
+    """The tiny model converted (fp32) into a private cache and loaded on the CPU with helpers.course.checkpoints.load_model."""
+    from helpers.course.checkpoints import load_model
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FLORENCE2_MODELS_DIR", str(tmp_path_factory.mktemp("demo-converted")))
@@ -300,7 +300,7 @@ def test_custom_samples_and_bad_arguments(ov_tiny, tmp_path):
 
 
 def test_gradio_callback_needs_no_gradio(ov_tiny, photo):
-    from helpers.gradio_app import gradio_callback, task_choices
+    from helpers.ui.gradio_app import gradio_callback, task_choices
 
     assert [value for _, value in task_choices()] == [*TASKS, *CASCADED_TASKS]
     callback = gradio_callback(*ov_tiny, **FAST)
@@ -314,7 +314,7 @@ def test_gradio_callback_needs_no_gradio(ov_tiny, photo):
 def test_gradio_missing_says_how_to_install(monkeypatch, ov_tiny):
     import sys
 
-    from helpers.gradio_app import build_gradio_app
+    from helpers.ui.gradio_app import build_gradio_app
 
     monkeypatch.setitem(sys.modules, "gradio", None)  # what a machine without gradio has
     with pytest.raises(ImportError, match="pip install gradio"):
@@ -325,7 +325,7 @@ def test_gradio_app_serves_on_localhost_only(ov_tiny):
     pytest.importorskip("gradio", reason="gradio is an optional extra (pip install gradio); app test skipped")
     import urllib.request
 
-    from helpers.gradio_app import HOST, build_gradio_app
+    from helpers.ui.gradio_app import HOST, build_gradio_app
 
     app = build_gradio_app(*ov_tiny, generate_kwargs=FAST)
     app.launch(server_name=HOST, share=False, prevent_thread_lock=True, quiet=True)
@@ -343,7 +343,7 @@ def test_gradio_checks_the_pixel_count_before_decoding(ov_tiny, tmp_path, monkey
 
     from PIL import ImageFile
 
-    from helpers.gradio_app import build_gradio_app, gradio_callback
+    from helpers.ui.gradio_app import build_gradio_app, gradio_callback
 
     fake_gradio = mock.MagicMock()  # records how the app asks gradio for the upload (gradio itself is optional)
     monkeypatch.setitem(sys.modules, "gradio", fake_gradio)

@@ -1,4 +1,4 @@
-"""helpers.export: COCO JSON and supervision.Detections from Florence-2 answers."""
+"""helpers.outputs.export: COCO JSON and supervision.Detections from Florence-2 answers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers.export import answer_instances, coco_categories, to_coco, to_supervision
+from helpers.outputs.export import answer_instances, coco_categories, to_coco, to_supervision
 
 OD = {"bboxes": [[10.0, 20.0, 50.0, 80.0], [0.0, 0.0, 30.0, 30.0], [5.0, 5.0, 15.0, 25.0]],
       "labels": ["car", "tree", "car"], "scores": [0.9, 0.25, 0.5]}  # fmt: skip
@@ -227,7 +227,7 @@ def test_answer_instances_of_text_answers_are_empty() -> None:
 
 def test_zero_area_shapes_are_skipped_and_counted() -> None:
     """pycocotools can never match a box or polygon without area (IoU 0), so exporting one only hides an error."""
-    sv = pytest.importorskip("supervision")
+    pytest.importorskip("supervision")
     od = {"bboxes": [[10.0, 20.0, 10.0, 80.0], [5.0, 5.0, 15.0, 25.0], [3.0, 7.0, 9.0, 7.0]], "labels": ["a", "b", "c"]}
     flat = {"polygons": [[[0.0, 0.0, 5.0, 5.0, 10.0, 10.0]], [[0.0, 0.0, 8.0, 0.0, 8.0, 8.0]]], "labels": ["line", "ok"]}
     ocr = {"quad_boxes": [[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]], "labels": ["dot"]}

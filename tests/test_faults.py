@@ -14,7 +14,7 @@ def dead_pid() -> int:
 
 
 def test_a_killed_model_build_leaves_no_folder_forever(tmp_path: Path) -> None:
-    from helpers.tiny import make_tiny_florence2
+    from helpers.course.tiny import make_tiny_florence2
 
     left = tmp_path / f".tiny-florence2.partial-{dead_pid()}-abc123"
     left.mkdir()
@@ -40,7 +40,7 @@ import time  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from helpers.conversion import is_converted, verify_conversion  # noqa: E402
+from helpers.ir import is_converted, verify_conversion  # noqa: E402
 
 KILLS = 5
 #: Runs a conversion or a kit build in which tracing is replaced by reading already converted parts (everything
@@ -49,7 +49,7 @@ PREBUILT_RUNNER = """
 import sys
 from pathlib import Path
 import openvino as ov
-from helpers import conversion
+from helpers.convert import conversion
 prebuilt, mode, *args = sys.argv[1:]
 for function, part in [("convert_vision_encoder", "vision_encoder"), ("convert_text_encoder", "encoder"),
                        ("convert_decoder", "decoder")]:
@@ -57,7 +57,7 @@ for function, part in [("convert_vision_encoder", "vision_encoder"), ("convert_t
 if mode == "convert":
     conversion.convert_florence2(args[0], args[1], "fp32", verbose=False)
 else:
-    from helpers.kit import main
+    from helpers.course.kit import main
     main(["build", args[0], "--model", args[1], "--weight-format", "fp32", "--no-samples"])
 """
 
@@ -65,7 +65,7 @@ else:
 @pytest.fixture(scope="module")
 def reference() -> tuple[Path, Path]:
     """(tiny source checkpoint, its fp32 conversion) from the shared test cache."""
-    from helpers.models import TINY_MODEL, ensure_converted, resolve_model
+    from helpers.course.checkpoints import TINY_MODEL, ensure_converted, resolve_model
 
     source = Path(resolve_model(TINY_MODEL))
     return source, ensure_converted(str(source), "fp32")

@@ -1,4 +1,4 @@
-"""Batch sources behind a URI (helpers.image_sources): a dataset in a bucket labels like a folder on disk.
+"""Batch sources behind a URI (helpers.cli.image_sources): a dataset in a bucket labels like a folder on disk.
 
 No bucket is reachable here, so the tests use the two URI filesystems that need no server: fsspec's in-process
 ``memory://`` (read through pyarrow's fsspec bridge, like gcsfs or adlfs would be) and ``file://`` (pyarrow's own,
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers.batch import find_images, process_images, read_results, wants_batch
-from helpers.image_sources import is_uri, list_uri_images
+from helpers.cli.batch import find_images, process_images, read_results, wants_batch
+from helpers.cli.image_sources import is_uri, list_uri_images
 
 FAST = {"max_new_tokens": 12, "num_beams": 1}
 NAMES = ["a.png", "b.jpg", "deeper/c.png"]
@@ -130,7 +130,7 @@ def test_a_record_hashes_the_bytes_it_answered(memory_folder, tmp_path, tiny_tor
     next run never takes an answer about the old picture for the new one."""
     import hashlib
 
-    from helpers.batch import BatchSummary, answer_chunk, make_request, plan_batch
+    from helpers.cli.batch import BatchSummary, answer_chunk, make_request, plan_batch
 
     request = make_request(tiny_torch_model, ["<CAPTION>"], scores=False, **FAST)
     root, files = find_images(memory_folder)

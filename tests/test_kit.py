@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers.kit import read_kit
+from helpers.course.kit import read_kit
 
 
 def test_read_kit_names_the_fix_for_a_plain_folder(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="python -m helpers.kit build"):
+    with pytest.raises(FileNotFoundError, match="python -m helpers.course.kit build"):
         read_kit(tmp_path)
 
 
@@ -52,7 +52,7 @@ def machine_env(hf_home: Path, **extra: str) -> dict[str, str]:
 
 def test_teacher_builds_from_the_hf_cache_and_an_offline_laptop_runs_the_kit(tmp_path: Path) -> None:
     """The README's classroom path, end to end, on a tiny model filed under the real hub id."""
-    from helpers.tiny import make_tiny_florence2
+    from helpers.course.tiny import make_tiny_florence2
 
     # The teacher: `hf download` once, then build the kit with the hub unreachable (a dead endpoint, not
     # HF_HUB_OFFLINE, so huggingface_hub has to notice the failure and fall back to its cache).
@@ -60,7 +60,7 @@ def test_teacher_builds_from_the_hf_cache_and_an_offline_laptop_runs_the_kit(tmp
     file_in_hf_cache(make_tiny_florence2(tmp_path / "tiny"), teacher_hf / "hub", HUB_ID)
     teacher = machine_env(teacher_hf, HF_ENDPOINT="http://127.0.0.1:9", FLORENCE2_MODELS_DIR=str(tmp_path / "t-models"))
     kit = tmp_path / "kit"
-    build = [sys.executable, "-m", "helpers.kit", "build", str(kit), "--model", HUB_ID]
+    build = [sys.executable, "-m", "helpers.course.kit", "build", str(kit), "--model", HUB_ID]
     done = subprocess.run(build, env=teacher, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert [(e["model"], e["weight_format"]) for e in read_kit(kit)["models"]] == [(HUB_ID, "fp16")]
@@ -82,9 +82,10 @@ def test_teacher_builds_from_the_hf_cache_and_an_offline_laptop_runs_the_kit(tmp
     )  # fmt: skip
     script = (
         "import importlib.util, sys\n"
-        "from helpers.models import load_model, model_from_env, model_kind\n"
-        "from helpers.samples import load_sample\n"
-        "from helpers.tasks import run_task\n"
+        "from helpers.course.checkpoints import load_model, model_from_env\n"
+        "from helpers.course.model_kind import model_kind\n"
+        "from helpers.course.samples import load_sample\n"
+        "from helpers.tasks.run import run_task\n"
         f"spec = importlib.util.spec_from_file_location('runner', {str(RUNNER)!r})\n"
         "runner = importlib.util.module_from_spec(spec); spec.loader.exec_module(runner)\n"
         "print('RUNNER CHOSE', runner.choose_model())\n"  # what `make run` passes to every kernel

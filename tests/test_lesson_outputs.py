@@ -19,8 +19,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from helpers.teaching import TEACHING_MODEL_DIR, teaching_model_available
-from helpers.tasks import LOCATION_TOKEN, TASKS
+from helpers.course.teaching import TEACHING_MODEL_DIR, teaching_model_available
+from helpers.tasks.run import LOCATION_TOKEN, TASKS
 
 pytestmark = pytest.mark.skipif(not teaching_model_available(), reason="the teaching model is not installed")
 
@@ -131,7 +131,7 @@ def executed_lessons(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str
 
 
 def test_every_task_lesson_answers_on_the_teaching_model(executed_lessons) -> None:
-    from helpers.models import teaching_tasks
+    from helpers.course.model_kind import teaching_tasks
 
     trained = set(teaching_tasks(TEACHING_MODEL_DIR))
     report = {name: problems(notebook, trained) for name, notebook in executed_lessons}
@@ -178,7 +178,7 @@ def test_html_copies_say_widgets_need_a_kernel_and_load_no_widget_script(tmp_pat
 
 def test_task_caveats_follow_what_the_teaching_model_recorded(tmp_path: Path) -> None:
     """The lessons' caveats come from the model's own record: a retrained model that lists more tasks loses them."""
-    from helpers.models import TRAINED_TASKS_KEY, teaching_tasks, untrained_notice
+    from helpers.course.model_kind import TRAINED_TASKS_KEY, teaching_tasks, untrained_notice
 
     config = json.loads((TEACHING_MODEL_DIR / "config.json").read_text())
     retrained = tmp_path / "retrained"

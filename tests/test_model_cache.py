@@ -1,4 +1,4 @@
-"""The model cache (helpers.models): keyed on weight content, verified on load, damaged folders refused with the
+"""The model cache (helpers.course.checkpoints): keyed on weight content, verified on load, damaged folders refused with the
 one command that repairs them (issue 17)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import conversion
-from helpers.conversion import IncompleteConversionError, read_manifest
+from helpers import ir
+from helpers.ir import IncompleteConversionError, read_manifest
 
 REPAIR = r"load_model\(.*reconvert=True\).*--reconvert"
 
@@ -20,7 +20,7 @@ REPAIR = r"load_model\(.*reconvert=True\).*--reconvert"
 @pytest.fixture(scope="module")
 def reference() -> tuple[Path, Path]:
     """(tiny source checkpoint, its fp32 conversion), built once in the shared test cache."""
-    from helpers.models import TINY_MODEL, ensure_converted, resolve_model
+    from helpers.course.checkpoints import TINY_MODEL, ensure_converted, resolve_model
 
     source = Path(resolve_model(TINY_MODEL))
     return source, ensure_converted(str(source), "fp32")
@@ -29,7 +29,7 @@ def reference() -> tuple[Path, Path]:
 @pytest.fixture
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference) -> tuple[Path, Path]:
     """A private models cache holding a copy of the tiny source and of its conversion: ``(source, converted)``."""
-    from helpers.models import converted_dir
+    from helpers.course.checkpoints import converted_dir
 
     monkeypatch.setenv("FLORENCE2_MODELS_DIR", str(tmp_path / "models"))
     source = tmp_path / "my-model"
@@ -49,12 +49,12 @@ def flip_bytes(path: Path, offset_fraction: float = 0.5, count: int = 8) -> None
 def rewrite_manifest_hash(folder: Path, name: str) -> None:
     """Make the manifest agree with a damaged file, as if it had been converted that way."""
     manifest = read_manifest(folder)
-    manifest["files"][name]["sha256"] = conversion._sha256(folder / name)
+    manifest["files"][name]["sha256"] = ir.file_sha256(folder / name)
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_a_model_retrained_into_the_same_folder_gets_a_new_conversion(cache) -> None:
-    from helpers.models import converted_dir
+    from helpers.course.checkpoints import converted_dir
 
     source, converted = cache
     assert converted_dir(str(source), "fp32") == converted
@@ -63,12 +63,12 @@ def test_a_model_retrained_into_the_same_folder_gets_a_new_conversion(cache) -> 
 
 
 def test_loading_checks_hashes_once_and_refuses_a_corrupt_folder(cache, monkeypatch) -> None:
-    from helpers.models import load_model
+    from helpers.course.checkpoints import load_model
 
     source, converted = cache
     hashed: list[str] = []
-    real_sha = conversion._sha256
-    monkeypatch.setattr(conversion, "_sha256", lambda path: hashed.append(Path(path).name) or real_sha(path))
+    real_sha = ir.file_sha256
+    monkeypatch.setattr(ir, "file_sha256", lambda path: hashed.append(Path(path).name) or real_sha(path))
     load_model(str(source), "fp32", "CPU", cache_dir=None)
     assert "decoder.bin" in hashed  # verified the first time
     hashed.clear()
@@ -82,7 +82,7 @@ def test_loading_checks_hashes_once_and_refuses_a_corrupt_folder(cache, monkeypa
 
 @pytest.mark.parametrize("name", ["encoder.xml", "tokenizer.json"])
 def test_same_size_garbage_gives_a_clear_error(cache, name) -> None:
-    from helpers.models import load_model
+    from helpers.course.checkpoints import load_model
 
     source, converted = cache
     path = converted / name
@@ -100,7 +100,7 @@ def test_same_size_garbage_gives_a_clear_error(cache, name) -> None:
 
 @pytest.mark.slow  # converts the tiny model once (~1 min on 2 busy cores)
 def test_the_named_repair_exists_and_repairs(cache, tmp_path, capsys) -> None:
-    from helpers.__main__ import main
+    from helpers.cli.main import main
 
     source, converted = cache
     flip_bytes(converted / "vision_encoder.bin")
@@ -120,7 +120,7 @@ def blobs(folder: Path) -> list[Path]:
 
 
 def test_compiled_cache_stays_bounded(cache) -> None:
-    from helpers.ov_model import OVFlorence2Model
+    from helpers.runtime.ov_model import OVFlorence2Model
 
     _, converted = cache
     stale = converted / "compiled_cache" / "1234.blob"  # what older versions left: one flat, unbounded folder
@@ -146,7 +146,7 @@ def test_compiled_cache_stays_bounded(cache) -> None:
 
 
 def test_compiled_cache_place_is_configurable(cache, tmp_path, monkeypatch) -> None:
-    from helpers.ov_model import OVFlorence2Model
+    from helpers.runtime.ov_model import OVFlorence2Model
 
     _, converted = cache
     monkeypatch.setenv("FLORENCE2_COMPILED_CACHE", str(tmp_path / "ov-cache"))
@@ -163,7 +163,7 @@ def test_loading_a_complete_conversion_deletes_what_killed_conversions_left(cach
     import subprocess
     import sys
 
-    from helpers.models import ensure_converted
+    from helpers.course.checkpoints import ensure_converted
 
     source, converted = cache
     pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,

@@ -1,4 +1,4 @@
-"""helpers.models.model_kind: lessons tell a real checkpoint from the teaching model and from random weights."""
+"""helpers.course.model_kind.model_kind: lessons tell a real checkpoint from the teaching model and from random weights."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers.models import MODEL_KIND_KEY, model_kind, model_kind_notice
-from helpers.teaching import TEACHING_MODEL_DIR, teaching_model_available
+from helpers.course.model_kind import MODEL_KIND_KEY, model_kind, model_kind_notice
+from helpers.course.teaching import TEACHING_MODEL_DIR, teaching_model_available
 
 
 def fake_config(vocab_size: int, **extra) -> SimpleNamespace:
@@ -37,8 +37,8 @@ def test_tiny_model_is_random(tiny_model_dir: Path, tiny_torch_model) -> None:
 def test_teaching_model_is_marked_and_the_mark_survives_loading_and_conversion() -> None:
     from transformers import AutoModelForImageTextToText
 
-    from helpers.models import TEACHING_MODEL, ensure_converted
-    from helpers.ov_model import OVFlorence2Model
+    from helpers.course.checkpoints import TEACHING_MODEL, ensure_converted
+    from helpers.runtime.ov_model import OVFlorence2Model
 
     assert json.loads((TEACHING_MODEL_DIR / "config.json").read_text())[MODEL_KIND_KEY] == "teaching"
     torch_model = AutoModelForImageTextToText.from_pretrained(TEACHING_MODEL_DIR)
@@ -53,8 +53,8 @@ def test_notices_say_what_the_answers_are_worth() -> None:
     assert "noise" in model_kind_notice("random") and "64 tokens" in model_kind_notice("random")
     teaching = model_kind_notice("teaching")
     assert "shape scenes" in teaching
-    from helpers.models import teaching_tasks
-    from helpers.tasks import TASKS
+    from helpers.course.model_kind import teaching_tasks
+    from helpers.tasks.run import TASKS
 
     if set(TASKS) <= set(teaching_tasks()):  # the shipped model's own record decides what the notice claims
         assert "every Florence-2 task" in teaching and "meaningless" not in teaching

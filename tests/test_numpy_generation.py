@@ -1,7 +1,7 @@
 """The numpy generator (no torch) must give transformers' tokens: same OpenVINO model, same inputs, same arguments.
 
 Each test runs ``OVFlorence2Model.generate`` twice on one model, with ``generation="transformers"`` (transformers'
-``GenerationMixin.generate``) and ``generation="numpy"`` (:mod:`helpers.numpy_generation`), and for the task table
+``GenerationMixin.generate``) and ``generation="numpy"`` (:mod:`helpers.runtime.numpy_generation`), and for the task table
 also PyTorch's ``generate``. f32 precision (EXACT_CONFIG), so any difference is the generator's.
 """
 
@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 from transformers.models.florence2.processing_florence2 import Florence2PostProcessor
 
-from helpers.conversion import convert_florence2
-from helpers.numpy_generation import UnsupportedGenerationError, log_softmax, top_k
-from helpers.numpy_postprocessing import NumpyFlorence2PostProcessor, use_numpy_post_processing
-from helpers.ov_model import EXACT_CONFIG, OVFlorence2Model
-from helpers.tasks import TASKS, build_prompt
+from helpers.convert.conversion import convert_florence2
+from helpers.runtime.numpy_generation import UnsupportedGenerationError, log_softmax, top_k
+from helpers.tasks.numpy_postprocessing import NumpyFlorence2PostProcessor, use_numpy_post_processing
+from helpers.runtime.ov_model import EXACT_CONFIG, OVFlorence2Model
+from helpers.tasks.run import TASKS, build_prompt
 
 MAX_NEW_TOKENS = 32
 #: A text input for each kind of task (none, free text, region).
@@ -87,7 +87,7 @@ def test_numpy_inputs_give_the_same_tokens(ov_model, tiny_processor):
 )
 def test_auto_takes_numpy_when_it_can_and_transformers_otherwise(kwargs, generator, ov_model, tiny_processor, monkeypatch):
     """The default generator is numpy (faster) for greedy and beam search; sampling and scores go to transformers."""
-    from helpers import numpy_generation
+    from helpers.runtime import numpy_generation
 
     calls = []
     real_generate = numpy_generation.generate

@@ -3,7 +3,7 @@
 The original code cannot run under transformers 5, so these tests build original-layout folders the other way
 round: from a native random model, by the inverse of the published mapping (transformers'
 ``convert_florence2_original_pytorch_to_hf.py`` and the original ``modeling_florence2.py`` /
-``configuration_florence2.py``), written here independently of :data:`helpers.original_layout.KEY_RULES`. Mapping
+``configuration_florence2.py``), written here independently of :data:`helpers.convert.original_layout.KEY_RULES`. Mapping
 such a folder back must give the native model bit for bit; its conversion must answer like PyTorch, token for
 token; the Python files in the folder (booby-trapped here) must never run.
 """
@@ -20,8 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import EXACT_OV_CONFIG
-from helpers.tiny import FLORENCE2_EXTRA_TOKENS, make_tiny_florence2
+from helpers.convert.native_processor import FLORENCE2_EXTRA_TOKENS
+from helpers.course.tiny import make_tiny_florence2
 
 #: Written into every test folder as modeling_/configuration_/processing_florence2.py: importing it leaves a mark.
 TRAP = """
@@ -196,7 +196,7 @@ def build_native_reference(folder: Path, **tiny_options) -> Path:
     """A tiny native model laid out like the released native checkpoints: ``<image>`` after every other token, the
     rows after it zero (what the mapping pads with). Mapping its original-layout twin back must give it bit for bit.
 
-    (helpers.tiny registers ``<image>`` before the Florence tokens; here it is moved last, and the embedding rows
+    (helpers.course.tiny registers ``<image>`` before the Florence tokens; here it is moved last, and the embedding rows
     with it.)"""
     from safetensors.torch import load_file, save_file
 
@@ -250,7 +250,7 @@ VARIANTS = {
 def test_mapping_gives_back_the_native_model_bit_for_bit(variant, native_reference, tmp_path, capsys):
     from transformers import AutoProcessor
 
-    from helpers.original_layout import convert_to_native, is_original_layout
+    from helpers.convert.original_layout import convert_to_native, is_original_layout
 
     original = make_original_checkpoint(native_reference, tmp_path / "original", **VARIANTS[variant])
     assert is_original_layout(original)
@@ -289,7 +289,7 @@ def test_mapping_gives_back_the_native_model_bit_for_bit(variant, native_referen
 
 
 def test_load_torch_model_reads_an_original_folder(native_reference, tmp_path):
-    from helpers.conversion import load_torch_model
+    from helpers.convert.conversion import load_torch_model
 
     original = make_original_checkpoint(native_reference, tmp_path / "original", weights="bin")
     model = load_torch_model(original)
@@ -301,7 +301,7 @@ def test_load_torch_model_reads_an_original_folder(native_reference, tmp_path):
 def test_every_original_tensor_is_used_exactly_once(native_reference):
     from safetensors.torch import load_file
 
-    from helpers.original_layout import map_weights
+    from helpers.convert.original_layout import map_weights
 
     config = json.loads((native_reference / "config.json").read_text())
     tied = ("language_model.model.shared.weight", "language_model.model.encoder.embed_tokens.weight",
@@ -328,7 +328,7 @@ def test_every_original_tensor_is_used_exactly_once(native_reference):
 def test_inconsistent_checkpoints_are_refused(damage, message, native_reference, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from helpers.original_layout import OriginalLayoutError, convert_to_native
+    from helpers.convert.original_layout import OriginalLayoutError, convert_to_native
 
     original = make_original_checkpoint(native_reference, tmp_path / "original")
     tensors = load_file(original / "model.safetensors")
@@ -360,7 +360,7 @@ def test_the_released_shapes_map_config_and_every_key(size):
     architecture of that size, and every original tensor lands on a native one of the same shape."""
     from transformers import Florence2Config, Florence2ForConditionalGeneration
 
-    from helpers.original_layout import map_config, map_weights
+    from helpers.convert.original_layout import map_config, map_weights
 
     vision, text, parameters = RELEASED[size]
     common_vision = {"depths": [1, 1, 9, 1], "patch_size": [7, 3, 3, 3], "patch_stride": [4, 2, 2, 2],
@@ -391,7 +391,7 @@ def test_the_released_shapes_map_config_and_every_key(size):
 
 
 def test_unsupported_original_options_are_refused():
-    from helpers.original_layout import OriginalLayoutError, map_config
+    from helpers.convert.original_layout import OriginalLayoutError, map_config
 
     config = original_config(
         {"vision_config": {"embed_dim": [8, 16, 32, 64], "num_heads": [1, 2, 4, 8], "num_groups": [1, 2, 4, 8],
@@ -449,7 +449,7 @@ def add_fine_tune_tokens(folder: Path) -> int:
 def odd_fine_tune(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(original-layout folder, models cache, its fp32 conversion): large-like (vision width 128 ≠ text width 48),
     384 px images, two added tokens, pytorch_model.bin with every tied name, converted through ensure_converted."""
-    from helpers.models import ensure_converted
+    from helpers.course.checkpoints import ensure_converted
 
     root = tmp_path_factory.mktemp("odd")
     native = build_native_reference(root / "native", seed=5, large_style=True, image_size=384)
@@ -473,9 +473,9 @@ def noise_image(width: int, height: int, seed: int) -> Image.Image:
 def test_a_converted_fine_tune_answers_like_pytorch_token_for_token(odd_fine_tune, tmp_path):
     from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
-    from helpers.conversion import verify_conversion
-    from helpers.original_layout import convert_to_native
-    from helpers.ov_model import OVFlorence2Model
+    from helpers.ir import verify_conversion
+    from helpers.convert.original_layout import convert_to_native
+    from helpers.runtime.ov_model import EXACT_CONFIG, OVFlorence2Model
 
     original, _, converted = odd_fine_tune
     assert verify_conversion(converted)["source"] == str(original)
@@ -489,7 +489,7 @@ def test_a_converted_fine_tune_answers_like_pytorch_token_for_token(odd_fine_tun
     assert processor.image_processor.size == {"height": 384, "width": 384}
 
     torch_model = Florence2ForConditionalGeneration.from_pretrained(native).eval()
-    ov_model = OVFlorence2Model(converted, "CPU", EXACT_OV_CONFIG, cache_dir=None)
+    ov_model = OVFlorence2Model(converted, "CPU", EXACT_CONFIG, cache_dir=None)
     answers = set()
     for seed, prompt in enumerate(PROMPTS):
         inputs = processor(text=prompt, images=noise_image(120, 90, seed), return_tensors="pt")
@@ -504,13 +504,14 @@ def test_a_converted_fine_tune_answers_like_pytorch_token_for_token(odd_fine_tun
 
 
 def test_load_model_the_command_line_and_the_kit_take_the_folder(odd_fine_tune, tmp_path, monkeypatch, capsys):
-    from helpers.__main__ import main
-    from helpers.kit import build_kit
-    from helpers.models import load_model
+    from helpers.cli.main import main
+    from helpers.course.kit import build_kit
+    from helpers.course.checkpoints import load_model
+    from helpers.runtime.ov_model import EXACT_CONFIG
 
     original, models, converted = odd_fine_tune
     monkeypatch.setenv("FLORENCE2_MODELS_DIR", str(models))
-    model, processor = load_model(str(original), "fp32", "CPU", EXACT_OV_CONFIG)
+    model, processor = load_model(str(original), "fp32", "CPU", EXACT_CONFIG)
     assert model.model_dir == converted  # converted once, then found again in the cache
 
     image = tmp_path / "noise.png"
@@ -536,8 +537,8 @@ def test_a_hub_id_in_the_original_layout_downloads_data_only(native_reference, t
 
     import huggingface_hub
 
-    from helpers.conversion import resolve_source
-    from helpers.original_layout import convert_to_native
+    from helpers.convert.conversion import resolve_source
+    from helpers.convert.original_layout import convert_to_native
 
     served = make_original_checkpoint(native_reference, tmp_path / "hub", weights="bin")
     cache = tmp_path / "cache" / "microsoft--Florence-2-base-ft"
@@ -561,8 +562,8 @@ def test_a_hub_id_in_the_original_layout_downloads_data_only(native_reference, t
 
 
 def test_pytorch_folders_of_every_kind_get_a_clear_message_from_the_openvino_model(native_reference, tmp_path):
-    from helpers.conversion import IncompleteConversionError
-    from helpers.ov_model import OVFlorence2Model
+    from helpers.ir import IncompleteConversionError
+    from helpers.runtime.ov_model import OVFlorence2Model
 
     for kind in ("bin", "sharded-safetensors", "safetensors"):
         original = make_original_checkpoint(native_reference, tmp_path / kind, weights=kind)
@@ -575,8 +576,8 @@ def test_pytorch_folders_of_every_kind_get_a_clear_message_from_the_openvino_mod
 
 def test_a_folder_without_auto_map_is_taken_as_original_not_refused(native_reference, tmp_path):
     """transformers itself answers such a folder with an 11,679-character 'Unrecognized model type' error."""
-    from helpers.conversion import check_model_folder
-    from helpers.original_layout import original_layout_markers
+    from helpers.convert.conversion import check_model_folder
+    from helpers.convert.original_layout import original_layout_markers
 
     original = make_original_checkpoint(native_reference, tmp_path / "plain", auto_map=False)
     assert "text_config.model_type 'florence2_language'" in original_layout_markers(original)
@@ -584,7 +585,8 @@ def test_a_folder_without_auto_map_is_taken_as_original_not_refused(native_refer
 
 
 def test_unknown_remote_code_is_still_refused(native_reference, tmp_path):
-    from helpers.conversion import ConversionError, check_model_folder
+    from helpers.convert.conversion import check_model_folder
+    from helpers.ir import ConversionError
 
     folder = tmp_path / "other"
     shutil.copytree(native_reference, folder)
@@ -608,7 +610,7 @@ class PickleTrap:
 def test_a_pickle_that_is_more_than_tensors_is_refused(native_reference, tmp_path):
     import pickle
 
-    from helpers.original_layout import OriginalLayoutError, convert_to_native
+    from helpers.convert.original_layout import OriginalLayoutError, convert_to_native
 
     original = make_original_checkpoint(native_reference, tmp_path / "original", weights="bin")
     marker = tmp_path / "pickle-ran"

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from helpers.conversion import convert_florence2
-from helpers.ov_model import DECODER_DEFAULTS, EXACT_CONFIG, OVFlorence2Model
-from helpers.tiny import make_tiny_florence2
+from helpers.convert.conversion import convert_florence2
+from helpers.runtime.ov_model import DECODER_DEFAULTS, EXACT_CONFIG, OVFlorence2Model
+from helpers.course.tiny import make_tiny_florence2
 
 #: Every Florence-2 task with a text input where it needs one (regions as <loc_…> bins).
 PROMPTS = {
@@ -150,7 +150,7 @@ def test_fast_davit_layout_computes_what_transformers_computes(tiny_torch_model)
     """The conversion traces DaViT's blocks with rewritten layout switches; they must compute the same features."""
     from transformers.models.florence2 import modeling_florence2 as florence2
 
-    from helpers.conversion import _fast_davit_layout
+    from helpers.convert.conversion import _fast_davit_layout
 
     classes = (florence2.Florence2VisionSpatialBlock, florence2.Florence2VisionChannelBlock, florence2.Florence2VisionChannelAttention)
     originals = [cls.forward for cls in classes]
@@ -188,7 +188,7 @@ def test_unseen_configurations_convert_and_match(variant, tmp_path):
 def test_repeated_calls_at_default_precision_give_the_same_answer(tiny_processor, tiny_model_dir, tmp_path):
     """At the device's default precision (bf16 here) answers may differ from PyTorch, but never between two
     identical calls: state, shared input buffers and caches must not leak from one generate into the next."""
-    from helpers.samples import load_sample
+    from helpers.course.samples import load_sample
 
     folder = convert_florence2(tiny_model_dir, tmp_path / "fp16", "fp16", verbose=False)
     OVFlorence2Model(folder, "CPU", image_cache_size=0)  # fills the compiled-model cache
@@ -207,7 +207,7 @@ def test_beam_search_logits_stay_finite_at_default_precision(tiny_processor, tin
     """With the CPU plugin's default u8 KV cache (OpenVINO 2026.4), a beam search that reordered the cache gave
     NaN/inf logits in about one fresh load in three. The decoder now compiles with DECODER_DEFAULTS (f16 KV cache):
     twelve fresh loads at default precision, each running greedy and beam search, never see a non-finite logit."""
-    from helpers.samples import load_sample
+    from helpers.course.samples import load_sample
 
     folder = convert_florence2(tiny_model_dir, tmp_path / "int8", "int8", verbose=False)
     inputs = tiny_processor(text="<OD>", images=load_sample("grace_hopper"), return_tensors="np")
@@ -264,7 +264,7 @@ def tiny_torch_embedding_bytes(model_dir: Path) -> int:
 
 @pytest.mark.parametrize("weight_format", ["int8", "int4"])
 def test_compressed_formats_convert_and_answer_well_formed(weight_format, tiny_model_dir, tiny_processor, tmp_path):
-    from helpers.tasks import ANSWER_KEYS, TASKS, run_task
+    from helpers.tasks.run import ANSWER_KEYS, TASKS, run_task
 
     folder = convert_florence2(tiny_model_dir, tmp_path / weight_format, weight_format, verbose=False)
     fp32_bytes = (tiny_model_dir / "model.safetensors").stat().st_size

@@ -1,4 +1,4 @@
-"""helpers.plotting: what gets drawn where, robustness on any model output, and the matplotlib wrapper."""
+"""helpers.outputs.plotting: what gets drawn where, robustness on any model output, and the matplotlib wrapper."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from helpers.plotting import ANSWER_KINDS, PALETTE, answer_kind, draw_answer, plot_answer
+from helpers.outputs.plotting import ANSWER_KINDS, PALETTE, answer_kind, draw_answer, plot_answer
+from helpers.tasks.run import ANSWER_KEYS, TASKS
 
 GREY = (128, 128, 128)
 SIZE = (200, 150)
@@ -39,19 +40,29 @@ def changed(image: Image.Image) -> np.ndarray:
     [
         ("a cat on a mat", "text"),
         ("", "text"),
-        ({"bboxes": [[1, 2, 3, 4]], "labels": ["cat"]}, "boxes"),
-        ({"bboxes": [], "labels": []}, "boxes"),
-        ({"bboxes": np.zeros((0, 4)), "labels": []}, "boxes"),
+        ({"bboxes": [[1, 2, 3, 4]], "labels": ["cat"]}, "bboxes"),
+        ({"bboxes": [], "labels": []}, "bboxes"),
+        ({"bboxes": np.zeros((0, 4)), "labels": []}, "bboxes"),
         ({"polygons": [[[1, 2, 3, 4, 5, 6]]], "labels": [""]}, "polygons"),
-        ({"bboxes": [], "bboxes_labels": [], "polygons": [], "polygons_labels": []}, "boxes_and_polygons"),
+        ({"bboxes": [], "bboxes_labels": [], "polygons": [], "polygons_labels": []}, "open_vocabulary"),
         ({"quad_boxes": [[0, 0, 9, 0, 9, 9, 0, 9]], "labels": ["hi"]}, "quad_boxes"),
-        ({"<OD>": {"bboxes": [], "labels": []}}, "boxes"),  # the whole post_process_generation result
+        ({"<OD>": {"bboxes": [], "labels": []}}, "bboxes"),  # the whole post_process_generation result
         ({"<CAPTION>": "a cat"}, "text"),
     ],
 )
 def test_answer_kind(answer: object, kind: str) -> None:
     assert answer_kind(answer) == kind
     assert kind in ANSWER_KINDS
+
+
+def test_drawing_and_the_task_table_share_one_answer_vocabulary() -> None:
+    """Each task's ``answer_kind`` is what answer_kind() calls an answer with that task's keys."""
+    assert set(ANSWER_KINDS) == set(ANSWER_KEYS)
+    for token, spec in TASKS.items():
+        keys = ANSWER_KEYS[spec.answer_kind]
+        answer = {key: [] for key in keys} if keys else "text"
+        assert answer_kind(answer) == spec.answer_kind, token
+        assert token in ANSWER_KINDS[spec.answer_kind]
 
 
 @pytest.mark.parametrize(
@@ -277,7 +288,7 @@ def test_long_and_unicode_labels_are_drawn_within_the_image(grey: Image.Image) -
 
 def test_real_post_processed_answers(grey: Image.Image, tmp_path: Path) -> None:
     """Answers straight from transformers' Florence2Processor.post_process_generation are drawn."""
-    from helpers.tiny import build_processor, build_tokenizer
+    from helpers.course.tiny import build_processor, build_tokenizer
 
     processor = build_processor(build_tokenizer(tmp_path), 768)
     loc = "<loc_250><loc_250><loc_750><loc_750>"

@@ -1,4 +1,4 @@
-"""helpers.ray_engine and `python -m helpers FOLDER --engine ray`, on a local Ray cluster of 2 CPUs.
+"""helpers.cli.ray_engine and `python -m helpers FOLDER --engine ray`, on a local Ray cluster of 2 CPUs.
 
 One cluster for the whole session (started and stopped here); the teaching model, a handful of held-out scenes.
 """
@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers.ray_engine import keep_local_cluster_on_loopback  # noqa: E402
+from helpers.cli.ray_engine import keep_local_cluster_on_loopback
 
 keep_local_cluster_on_loopback()  # before Ray is imported: the test cluster listens on 127.0.0.1 only
 ray = pytest.importorskip("ray")
 
-from helpers.batch import process_images, read_results  # noqa: E402
-from helpers.ray_engine import label_on_ray  # noqa: E402
-from helpers.teaching.scenes import HELD_OUT_SEED, make_scene  # noqa: E402
+from helpers.cli.batch import process_images, read_results  # noqa: E402
+from helpers.cli.ray_engine import label_on_ray  # noqa: E402
+from helpers.course.teaching.scenes import HELD_OUT_SEED, make_scene  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "teaching"
@@ -55,7 +55,7 @@ def lines(path: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_ray_gives_the_one_process_answers_and_records_a_corrupt_image(cluster, tmp_path) -> None:
-    from helpers.models import load_model
+    from helpers.course.checkpoints import load_model
 
     folder = scene_folder(tmp_path / "scenes", 6, broken=True)
     model, processor = load_model(MODEL, "fp16", "CPU")
@@ -186,7 +186,7 @@ def test_a_worker_killed_mid_chunk_loses_nothing(cluster, tmp_path) -> None:
 def test_a_uri_source_is_read_by_the_actors_themselves(cluster, tmp_path) -> None:
     """A ``file://`` URI goes through pyarrow's filesystem layer (the code path of s3:// and gs://) on each actor,
     and gives the answers the one-process engine gives for the same URI."""
-    from helpers.models import load_model
+    from helpers.course.checkpoints import load_model
 
     folder = scene_folder(tmp_path / "scenes", 3)
     uri = folder.as_uri() + "/*.png"
@@ -203,7 +203,7 @@ def test_a_uri_source_is_read_by_the_actors_themselves(cluster, tmp_path) -> Non
 
 
 def test_engine_options_take_values_and_are_checked(tmp_path) -> None:
-    from helpers.batch import main, wants_batch
+    from helpers.cli.batch import main, wants_batch
 
     folder = scene_folder(tmp_path / "scenes", 1)
     assert wants_batch(["--engine", "ray", "--workers", "2", "--ray-address", "auto", str(folder)])

@@ -26,11 +26,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import helpers.conversion as conversion
-from helpers.conversion import ConversionError, IncompleteConversionError, convert_florence2
-from helpers.ov_model import EXACT_CONFIG, OVFlorence2Model
-from helpers.plotting import draw_answer
-from helpers.tasks import TASKS, box_to_loc, build_prompt, format_region, load_image, loc_to_box, run_task
+import helpers.convert.conversion as conversion
+from helpers.convert.conversion import convert_florence2
+from helpers.ir import ConversionError, IncompleteConversionError
+from helpers.runtime.ov_model import EXACT_CONFIG, OVFlorence2Model
+from helpers.outputs.plotting import draw_answer
+from helpers.tasks.run import TASKS, box_to_loc, build_prompt, format_region, load_image, loc_to_box, run_task
 
 REPO = Path(__file__).resolve().parent.parent
 HELPERS = REPO / "helpers"
@@ -40,14 +41,14 @@ FAST = {"max_new_tokens": 16, "num_beams": 1}
 @pytest.fixture(scope="module")
 def tiny_source() -> Path:
     """The tiny random-weight checkpoint (native layout), built once and cached under FLORENCE2_MODELS_DIR."""
-    from helpers.models import TINY_MODEL, resolve_model
+    from helpers.course.checkpoints import TINY_MODEL, resolve_model
 
     return Path(resolve_model(TINY_MODEL))
 
 
 @pytest.fixture(scope="module")
 def ov_dir(tiny_source: Path) -> Path:
-    from helpers.models import ensure_converted
+    from helpers.course.checkpoints import ensure_converted
 
     return ensure_converted(str(tiny_source), "fp32")
 

@@ -1,4 +1,4 @@
-"""helpers.samples: shipped images load, are licensed, match their generators; names are validated."""
+"""helpers.course.samples: shipped images load, are licensed, match their generators; names are validated."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import samples
-from helpers.samples import (
+from helpers.course import samples
+from helpers.course.samples import (
     GENERATORS,
     IMAGES_DIR,
     SAMPLE_DESCRIPTIONS,
@@ -109,7 +109,7 @@ def test_generators_are_deterministic_and_match_the_shipped_files(name: str) -> 
     assert shipped.size == first.size
     # Exact here; the tolerance only absorbs font-rasteriser differences between FreeType builds.
     diff = np.abs(np.asarray(shipped, dtype=float) - np.asarray(first, dtype=float))
-    assert diff.mean() < 0.5, f"{name}.png is stale: run `python -m helpers.samples --regenerate`"
+    assert diff.mean() < 0.5, f"{name}.png is stale: run `python -m helpers.course.samples --regenerate`"
 
 
 def test_generators_follow_their_arguments() -> None:
@@ -154,17 +154,17 @@ def test_regenerate_writes_identical_files(tmp_path: Path) -> None:
 def test_module_entry_point(tmp_path: Path) -> None:
     out = tmp_path / "cli"
     result = subprocess.run(
-        [sys.executable, "-m", "helpers.samples", "--regenerate", "--output-dir", str(out)],
+        [sys.executable, "-m", "helpers.course.samples", "--regenerate", "--output-dir", str(out)],
         capture_output=True, text=True, check=True, timeout=120,
     )  # fmt: skip
     assert sorted(p.name for p in out.iterdir()) == sorted(SAMPLE_IMAGES[n] for n in GENERATORS)
     assert "wrote" in result.stdout
-    listing = subprocess.run([sys.executable, "-m", "helpers.samples"], capture_output=True, text=True, check=True)
+    listing = subprocess.run([sys.executable, "-m", "helpers.course.samples"], capture_output=True, text=True, check=True)
     assert all(name in listing.stdout for name in SAMPLE_IMAGES)
 
 
 def test_teaching_scene_is_held_out_and_matches_its_ground_truth() -> None:
-    from helpers.teaching.scenes import HELD_OUT_SEED
+    from helpers.course.teaching.scenes import HELD_OUT_SEED
 
     scene = samples.teaching_scene()
     assert scene.seed == HELD_OUT_SEED and scene.index == samples.TEACHING_SCENE_INDEX

@@ -1,4 +1,4 @@
-"""helpers.scores: confidence scores from token probabilities, the same on PyTorch and OpenVINO."""
+"""helpers.outputs.scores: confidence scores from token probabilities, the same on PyTorch and OpenVINO."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from helpers.conversion import convert_florence2
-from helpers.ov_model import EXACT_CONFIG, OVFlorence2Model
-from helpers.scores import (
+from helpers.convert.conversion import convert_florence2
+from helpers.runtime.ov_model import EXACT_CONFIG, OVFlorence2Model
+from helpers.outputs.scores import (
     SCORED_TASKS,
     find_instances,
     run_task_with_scores,
@@ -23,7 +23,7 @@ from helpers.scores import (
     score_answer,
     token_log_probs,
 )
-from helpers.tasks import TASKS, run_task
+from helpers.tasks.run import TASKS, run_task
 
 TEXT = {
     "<CAPTION_TO_PHRASE_GROUNDING>": "A red car next to a green tree",
@@ -259,7 +259,7 @@ def test_scores_survive_vocabulary_padding_ids(tiny_torch_model, tiny_processor)
 
 def test_scored_answers_are_the_transformers_generators_answers(tiny_processor, tiny_ov_model) -> None:
     """At default precision (bf16 on this CPU) the scored path and run_task's numpy loop may differ where beams nearly
-    tie (documented in helpers.scores); the scored answers are exactly transformers' generator's, at any precision."""
+    tie (documented in helpers.outputs.scores); the scored answers are exactly transformers' generator's, at any precision."""
     default = OVFlorence2Model(tiny_ov_model.model_dir, "CPU", cache_dir=None)
     for seed in range(4):
         image = noise_image(120, 80, 10 + seed)

@@ -1,4 +1,4 @@
-"""helpers.tasks: the task table, prompts, regions, image loading and running tasks on the tiny PyTorch model."""
+"""helpers.tasks.run: the task table, prompts, regions, image loading and running tasks on the tiny PyTorch model."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from helpers.tasks import (
+from helpers.tasks.run import (
     ANSWER_KEYS,
     CASCADED_TASKS,
     FAMILY_NOTEBOOKS,
@@ -521,3 +521,29 @@ def test_load_image_keeps_thin_images() -> None:
     for size in [(1, 1), (10000, 200)]:
         out = load_image(Image.new("L", size, 5))
         assert out.size == size and out.mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    ("answer", "problem"),
+    [
+        ({"bboxes": [[1, 2, 3, 4]]}, "needs the keys"),
+        ({"bboxes": [[1, 2, 3, 4]], "labels": []}, "1 boxes but 0 labels"),
+        ({"bboxes": [[1, 2, 3]], "labels": ["a"]}, "four numbers"),
+        ({"bboxes": [[1, 2, 3, "4"]], "labels": ["a"]}, "four numbers"),
+        ({"bboxes": [[1, 2, 3, 4]], "labels": [7]}, "must be strings"),
+        ("a caption", "needs the keys"),
+    ],
+)
+def test_check_box_answer_names_what_is_wrong(answer, problem) -> None:
+    from helpers.tasks.run import check_box_answer
+
+    with pytest.raises(ValueError, match=problem):
+        check_box_answer(answer)
+
+
+def test_check_box_answer_counts_well_formed_boxes() -> None:
+    from helpers.tasks.run import check_box_answer
+
+    answer = {"bboxes": [[1.5, 2, 3, 4], [0, 0, 9, 9]], "bboxes_labels": ["cat", ""], "polygons": []}
+    assert check_box_answer(answer, "bboxes", "bboxes_labels") == 2
+    assert check_box_answer({"bboxes": [], "labels": []}) == 0

@@ -9,9 +9,9 @@ import re
 import numpy as np
 import pytest
 
-from helpers.teaching import TEACHING_MODEL_DIR, teaching_model_available
-from helpers.teaching.quality import average_precision, char_accuracy, edit_distance, iou, strip_locations
-from helpers.teaching.scenes import (
+from helpers.course.teaching import TEACHING_MODEL_DIR, teaching_model_available
+from helpers.course.teaching.quality import average_precision, char_accuracy, edit_distance, iou, strip_locations
+from helpers.course.teaching.scenes import (
     CATEGORIES,
     COLOURS,
     COUNT_WORDS,
@@ -31,7 +31,7 @@ from helpers.teaching.scenes import (
 @pytest.fixture(scope="module")
 def processor():
     """A processor with the teaching model's tokenizer and post-processing rules (built offline, no weights)."""
-    from helpers.teaching.train import build_teaching_processor
+    from helpers.course.teaching.train import build_teaching_processor
 
     return build_teaching_processor()
 
@@ -145,7 +145,7 @@ def test_metrics_on_hand_made_cases():
 def test_five_training_steps_lower_the_loss():
     import torch
 
-    from helpers.teaching.train import TrainConfig, build_model, make_batch, train, training_loss
+    from helpers.course.teaching.train import TrainConfig, build_model, make_batch, train, training_loss
 
     model, processor = build_model(seed=0)
     config = TrainConfig(steps=5, seed=0, scenes_per_step=2, learning_rate=1e-3, warmup_steps=1, pretrain_steps=0)
@@ -169,7 +169,7 @@ def test_training_is_reproducible():
     """Same seed, same steps, same thread count: the same weights, bit for bit (both stages)."""
     import torch
 
-    from helpers.teaching.train import TrainConfig, build_model, train
+    from helpers.course.teaching.train import TrainConfig, build_model, train
 
     config = TrainConfig(steps=2, seed=3, scenes_per_step=1, pretrain_steps=1, pretrain_scenes_per_step=2)
     weights = []
@@ -185,7 +185,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     the weights of an uninterrupted one."""
     import torch
 
-    from helpers.teaching.train import TrainConfig, build_model, train
+    from helpers.course.teaching.train import TrainConfig, build_model, train
 
     config = TrainConfig(steps=2, seed=4, scenes_per_step=1, pretrain_steps=0, tasks_per_scene=3)
     model, processor = build_model(seed=4)
@@ -206,8 +206,8 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
 
 
 def test_pretraining_targets_follow_the_shapes():
-    from helpers.teaching.scenes import LABEL_CLASSES, WORDS, label_map
-    from helpers.teaching.train import SUBCELLS, dense_targets
+    from helpers.course.teaching.scenes import LABEL_CLASSES, WORDS, label_map
+    from helpers.course.teaching.train import SUBCELLS, dense_targets
 
     scene = make_scene(HELD_OUT_SEED, 3)
     grid = 6
@@ -245,7 +245,7 @@ def test_shipped_model_is_small_and_native():
 def test_shipped_model_finds_the_shapes_of_held_out_scenes(shipped):
     """A real quality check: on scenes it never saw, <OD> boxes a shape with the right label at IoU >= 0.5 in most
     scenes, and the caption is often exactly right (the model card reports mAP@0.5 about 0.7 on 100 scenes)."""
-    from helpers.tasks import run_task
+    from helpers.tasks.run import run_task
 
     model, processor = shipped
     found, exact, answers = 0, 0, []
@@ -265,7 +265,7 @@ def test_shipped_model_finds_the_shapes_of_held_out_scenes(shipped):
 
 
 def test_quality_script_runs_on_three_scenes(tmp_path, capsys):
-    from helpers.teaching.quality import METRICS, main
+    from helpers.course.teaching.quality import METRICS, main
 
     out = tmp_path / "quality.json"
     code = main([
@@ -286,7 +286,7 @@ def test_quality_script_runs_on_three_scenes(tmp_path, capsys):
 
 
 def test_teaching_name_and_offline_fallback(tmp_path, monkeypatch, capsys):
-    from helpers import models
+    from helpers.course import checkpoints as models
 
     assert models.resolve_model(models.TEACHING_MODEL) == str(TEACHING_MODEL_DIR)
     monkeypatch.setenv("FLORENCE2_MODELS_DIR", str(tmp_path / "cache"))  # nothing converted there

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers.samples import lesson_image, teaching_scene, teaching_scene_answer
-from helpers.teaching import teaching_model_available
-from helpers.teaching.quality import iou, strip_locations
+from helpers.course.samples import lesson_image, teaching_scene, teaching_scene_answer
+from helpers.course.teaching import teaching_model_available
+from helpers.course.teaching.quality import iou, strip_locations
 
 pytestmark = pytest.mark.skipif(not teaching_model_available(), reason="the teaching model is not installed")
 
@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def teaching():
     """The teaching model as the lessons load it: fp16 OpenVINO on the CPU, with its processor and kind."""
-    from helpers.models import TEACHING_MODEL, load_model, model_kind
+    from helpers.course.checkpoints import TEACHING_MODEL, load_model
+    from helpers.course.model_kind import model_kind
 
     model, processor = load_model(TEACHING_MODEL, "fp16", "CPU")
     return model, processor, model_kind(model)
@@ -37,8 +38,8 @@ def matched_boxes(answer: dict, truth: dict, labels_key: str = "labels") -> int:
 
 def test_detection_lesson_draws_boxes_on_the_shapes(teaching, capsys: pytest.CaptureFixture) -> None:
     """05_detection: the shapes scene becomes the teaching scene, and <OD> boxes sit on its shapes."""
-    from helpers.plotting import draw_answer
-    from helpers.tasks import run_task
+    from helpers.outputs.plotting import draw_answer
+    from helpers.tasks.run import run_task
 
     model, processor, kind = teaching
     assert kind == "teaching"
@@ -54,7 +55,7 @@ def test_detection_lesson_draws_boxes_on_the_shapes(teaching, capsys: pytest.Cap
 
 def test_captioning_lesson_names_the_shapes(teaching) -> None:
     """04_captioning: the caption names every shape of the scene."""
-    from helpers.tasks import run_task
+    from helpers.tasks.run import run_task
 
     model, processor, kind = teaching
     caption = run_task(model, processor, lesson_image("grace_hopper", kind), "<CAPTION>")["<CAPTION>"]
@@ -63,7 +64,7 @@ def test_captioning_lesson_names_the_shapes(teaching) -> None:
 
 def test_grounding_lesson_boxes_its_phrases(teaching) -> None:
     """06_grounding: the lesson's sentence for the teaching model gets one right box per phrase."""
-    from helpers.tasks import run_task
+    from helpers.tasks.run import run_task
 
     model, processor, kind = teaching
     sentence = "a purple triangle, a blue square and a red circle"  # the notebook's SENTENCE for this model
@@ -76,7 +77,7 @@ def test_grounding_lesson_boxes_its_phrases(teaching) -> None:
 
 def test_region_lesson_names_the_region_it_draws(teaching) -> None:
     """08_region_understanding: the blue square's ground-truth box is named, and the word's box fits the image."""
-    from helpers.tasks import run_task
+    from helpers.tasks.run import run_task
 
     model, processor, kind = teaching
     shapes = lesson_image("shapes", kind)

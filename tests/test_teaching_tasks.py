@@ -10,7 +10,7 @@ import random
 import numpy as np
 import pytest
 
-from helpers.teaching.quality import (
+from helpers.course.teaching.quality import (
     AIMS,
     CASCADES,
     METRICS,
@@ -22,7 +22,7 @@ from helpers.teaching.quality import (
     shortfalls,
     task_inputs,
 )
-from helpers.teaching.scenes import (
+from helpers.course.teaching.scenes import (
     COLOURS,
     HELD_OUT_SEED,
     SIZE_BANDS,
@@ -39,13 +39,13 @@ from helpers.teaching.scenes import (
     polygon_target,
     training_scene,
 )
-from helpers.tasks import TASKS, box_to_loc
+from helpers.tasks.run import TASKS, box_to_loc
 
 
 @pytest.fixture(scope="module")
 def processor():
     """A processor with the teaching model's tokenizer and post-processing rules (built offline, no weights)."""
-    from helpers.teaching.train import build_teaching_processor
+    from helpers.course.teaching.train import build_teaching_processor
 
     return build_teaching_processor()
 

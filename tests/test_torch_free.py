@@ -21,9 +21,9 @@ import pytest
 from PIL import Image
 from transformers import AutoProcessor
 
-from helpers.conversion import convert_florence2
-from helpers.ov_model import EXACT_CONFIG, OVFlorence2Model
-from helpers.tasks import TASKS, run_cascaded_task, run_task, run_tasks_batch
+from helpers.convert.conversion import convert_florence2
+from helpers.runtime.ov_model import EXACT_CONFIG, OVFlorence2Model
+from helpers.tasks.run import TASKS, run_cascaded_task, run_task, run_tasks_batch
 
 pytestmark = pytest.mark.slow
 
@@ -47,8 +47,9 @@ SCRIPT = textwrap.dedent(
     import numpy as np
     from PIL import Image
     from transformers import AutoProcessor
-    from helpers.ov_model import EXACT_CONFIG, OVFlorence2Model
-    from helpers.tasks import TASKS, run_cascaded_task, run_task, run_tasks_batch
+    from helpers.runtime.generation import choose_strategy
+    from helpers.runtime.ov_model import EXACT_CONFIG, OVFlorence2Model
+    from helpers.tasks.run import TASKS, run_cascaded_task, run_task, run_tasks_batch
 
     model_dir, image_dir, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     spec = json.loads((image_dir / "spec.json").read_text())
@@ -70,7 +71,7 @@ SCRIPT = textwrap.dedent(
     result = {
         "answers": answers,
         "torch_imported": "torch" in sys.modules,
-        "generator": model._resolve_generator(None, {}),
+        "generator": choose_strategy(model.generation, model, {}).name,
         "image_processor": type(processor.image_processor).__name__,
     }
     out.write_text(json.dumps(result))
@@ -151,8 +152,8 @@ def test_all_tasks_give_the_same_answers_without_torch(torch_free_venv: Path, ti
 def test_batch_command_line_runs_without_torch(torch_free_venv: Path, tiny_model_dir: Path, tmp_path: Path):
     """`python -m helpers FOLDER` on a converted folder works in the torch-free venv (answers without scores, and
     says so) and gives the answers the full environment's batch mode gives."""
-    from helpers.batch import process_images
-    from helpers.models import load_model
+    from helpers.cli.batch import process_images
+    from helpers.course.checkpoints import load_model
 
     model_dir = convert_florence2(tiny_model_dir, tmp_path / "ov", "fp32", verbose=False)
     image_dir = tmp_path / "images"

@@ -25,8 +25,8 @@ def test_an_odd_vocabulary_does_not_shrink_the_decoders_int4_groups(tmp_path):
     pytest.importorskip("nncf")
     from transformers import Florence2ForConditionalGeneration
 
-    from helpers.conversion import compress, convert_decoder
-    from helpers.tiny import make_tiny_florence2
+    from helpers.convert.conversion import compress, convert_decoder
+    from helpers.course.tiny import make_tiny_florence2
 
     folder = make_tiny_florence2(tmp_path / "tiny-51290", vocab_size=51290, weight_std=None, eos_pull=None)
     model = Florence2ForConditionalGeneration.from_pretrained(folder).eval()
@@ -39,7 +39,7 @@ def test_group_size_counts_input_widths_only():
     import openvino as ov
     from openvino import opset13 as ops
 
-    from helpers.conversion import compress
+    from helpers.convert.conversion import compress
 
     pytest.importorskip("nncf")
     hidden = ops.parameter(ov.PartialShape([-1, -1, 768]), ov.Type.f32)

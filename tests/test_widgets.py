@@ -1,4 +1,4 @@
-"""helpers.widgets: every selector's default, its environment handling, and that ``.value`` is usable as is."""
+"""helpers.ui.widgets: every selector's default, its environment handling, and that ``.value`` is usable as is."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import numpy as np
 import openvino as ov
 import pytest
 
-from helpers.conversion import WEIGHT_FORMATS
-from helpers.models import BASE_RANDOM_MODEL, CHECKPOINTS, DEFAULT_MODEL, TINY_MODEL, resolve_model
-from helpers.tasks import CASCADED_TASKS, TASKS, resolve_task
-from helpers.widgets import device_selector, model_selector, task_selector, weight_format_selector
+from helpers.ir import WEIGHT_FORMATS
+from helpers.course.checkpoints import BASE_RANDOM_MODEL, CHECKPOINTS, DEFAULT_MODEL, TINY_MODEL, resolve_model
+from helpers.tasks.run import CASCADED_TASKS, TASKS, resolve_task
+from helpers.ui.widgets import device_selector, model_selector, task_selector, weight_format_selector
 
 
 @pytest.fixture
@@ -91,9 +91,9 @@ def test_model_selector_accepts_base_random_from_env(no_env):
 
 
 def test_model_selector_accepts_every_named_offline_model(no_env):
-    import helpers.models
+    import helpers.course.checkpoints
 
-    names = [v for k, v in vars(helpers.models).items() if k.endswith("_MODEL") and k != "DEFAULT_MODEL"]
+    names = [v for k, v in vars(helpers.course.checkpoints).items() if k.endswith("_MODEL") and k != "DEFAULT_MODEL"]
     assert TINY_MODEL in names and BASE_RANDOM_MODEL in names
     for name in names:
         assert model_selector(name).value == name

@@ -423,7 +423,9 @@ TARGETS = {
     "greedy ≥3.0× (default precision)": lambda ratios: ratios["ov-default"]["generate_greedy"] >= 3.0,
     "greedy ≥4.0× (INT8)": lambda ratios: ratios["ov-int8"]["generate_greedy"] >= 4.0,
     "beam 3 ≥3.0× (default precision)": lambda ratios: ratios["ov-default"]["generate_beam3"] >= 3.0,
-    "second task ≥10× faster than first (default, end-to-end)": lambda ratios: ratios["ov-default"]["second_task_vs_first"] >= 10,
+    "second task ≥10× faster than first (default, end-to-end)": lambda ratios: (
+        ratios["ov-default"]["second_task_vs_first"] >= 10
+    ),
     "INT8 peak RSS ≤60% of PyTorch (one image per call, each as deployed)": (
         lambda ratios: ratios["ov-int8"].get("peak_rss_deployed", ratios["ov-int8"]["peak_rss_one_image"]) <= 0.60
     ),
@@ -505,7 +507,12 @@ def plot(report: dict, path: Path) -> Path:
     n = report["settings"]["new_tokens"]
     left.set_title(f"generate, {n} new tokens, one image")
     left.legend()
-    parts = (("vision", "vision"), ("encoder", "text encoder"), ("decode_step", "decoder step"), ("generate_greedy", "greedy e2e"))
+    parts = (
+        ("vision", "vision"),
+        ("encoder", "text encoder"),
+        ("decode_step", "decoder step"),
+        ("generate_greedy", "greedy e2e"),
+    )
     width = 0.8 / len(parts)
     for i, (key, label) in enumerate(parts):
         right.bar(x + (i - (len(parts) - 1) / 2) * width, [ratios[b][key] for b in backends], width, label=label)
@@ -514,7 +521,10 @@ def plot(report: dict, path: Path) -> Path:
     right.set_ylabel("speed-up vs PyTorch FP32 (higher is better)")
     right.set_title("speed-up per part")
     right.legend(fontsize=8)
-    fig.suptitle(f"{report['settings']['model']} — {report['machine']['threads']} threads, {report['machine']['cpu']}", fontsize=9)
+    fig.suptitle(
+        f"{report['settings']['model']} — {report['machine']['threads']} threads, {report['machine']['cpu']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -555,7 +565,9 @@ def run_benchmark(
     backends = backends or BACKENDS
     if "pytorch" not in backends:
         backends = ["pytorch", *backends]
-    formats = sorted({OV_BACKENDS[b][0] for b in backends if b in OV_BACKENDS}, key=["fp32", "fp16", "int8", "int4"].index)
+    formats = sorted(
+        {OV_BACKENDS[b][0] for b in backends if b in OV_BACKENDS}, key=["fp32", "fp16", "int8", "int4"].index
+    )
     if verbose:
         print(f"Preparing {model} ({', '.join(formats)}) …", flush=True)
     source, folders, convert_seconds = prepare(model, formats, verbose)
@@ -681,7 +693,9 @@ def run_engine_throughput(
     try:
         folder = _engine_images(work / "images", images)
         for engine, batch_size, workers in ENGINE_SETUPS:
-            name = f"{engine} batch {batch_size}" + (f", {workers} worker{'s' * (workers > 1)}" if engine == "ray" else "")
+            name = f"{engine} batch {batch_size}" + (
+                f", {workers} worker{'s' * (workers > 1)}" if engine == "ray" else ""
+            )
             if verbose:
                 print(f"Measuring {name} …", flush=True)
             out = work / name.replace(" ", "-").replace(",", "")
@@ -744,8 +758,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="base-random (default), tiny, a hub id or a local folder")
     parser.add_argument("--quick", action="store_true", help="tiny model, 8 tokens, 1 repeat, in one process")
-    parser.add_argument("--engines", action="store_true",
-                        help="images/second of the batch command: one process (batch 1, 4) vs Ray (1, 2 workers)")
+    parser.add_argument(
+        "--engines",
+        action="store_true",
+        help="images/second of the batch command: one process (batch 1, 4) vs Ray (1, 2 workers)",
+    )
     parser.add_argument("--images", type=int, help="--engines: images to label per engine (16; quick 6)")
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--new-tokens", type=int)

@@ -39,6 +39,7 @@ def make_shareable(folder: Path) -> None:
     os.umask(umask)
     folder.chmod(0o777 & ~umask)
 
+
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` still runs (POSIX); what tells a killed run's leftovers from a running one's."""
     try:

@@ -38,7 +38,6 @@ class IncompleteConversionError(ConversionError):
     """An existing output folder is not a complete, intact conversion."""
 
 
-
 #: File names of PyTorch checkpoints: single files, shards and shard indexes (safetensors and pickle).
 PYTORCH_WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
                            "pytorch_model.bin.index.json")  # fmt: skip
@@ -48,7 +47,6 @@ def pytorch_weight_files(folder: str | Path) -> list[str]:
     """Names of the PyTorch weight files in ``folder`` (empty when it holds none)."""
     folder = Path(folder)
     return sorted({path.name for pattern in PYTORCH_WEIGHT_PATTERNS for path in folder.glob(pattern)})
-
 
 
 def file_sha256(path: Path) -> str:
@@ -179,8 +177,6 @@ def verify_conversion(folder: str | Path, *, check_hashes: bool | str = True, fi
     return manifest
 
 
-
-
 def graph_version(output_dir: str | Path) -> int:
     """The :data:`GRAPH_VERSION` a folder was converted with (1 for folders written before it was recorded)."""
     return int(read_manifest(output_dir).get("graph_version", 1))
@@ -195,8 +191,6 @@ def is_converted(output_dir: str | Path, source: str | None = None, weight_forma
     if weight_format is not None and manifest.get("weight_format") != weight_format:
         return False
     return source is None or manifest.get("source") == source
-
-
 
 
 def ir_size_bytes(folder: str | Path) -> int:

@@ -45,7 +45,13 @@ def choose_model() -> str:
     local folder, the classroom kit (``FLORENCE2_KIT``), the converted-model cache, the Hugging Face cache or the
     hub; for the default model otherwise the offline teaching model (else the tiny one), announced as such. Any
     other model that cannot be had stops the run before a notebook starts."""
-    from helpers.course.checkpoints import DEFAULT_MODEL, TEACHING_MODEL, hub_model_unavailable, hub_reachable, resolve_model
+    from helpers.course.checkpoints import (
+        DEFAULT_MODEL,
+        TEACHING_MODEL,
+        hub_model_unavailable,
+        hub_reachable,
+        resolve_model,
+    )
     from helpers.course.teaching import TEACHING_MODEL_DIR
 
     if not hub_reachable():
@@ -165,9 +171,15 @@ def run_notebook(path: Path, timeout: int) -> tuple[object, int | None, BaseExce
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="run only notebooks whose file name starts with one of these")
-    parser.add_argument("--timeout", type=int, default=int(os.environ.get("FLORENCE2_CELL_TIMEOUT", "3600")),
-                        help="seconds one cell may take (default 3600, or FLORENCE2_CELL_TIMEOUT)")
-    parser.add_argument("--output-dir", type=Path, default=OUTPUT_DIR, help=f"where executed copies go (default {OUTPUT_DIR})")
+    parser.add_argument(
+        "--timeout",
+        type=int,
+        default=int(os.environ.get("FLORENCE2_CELL_TIMEOUT", "3600")),
+        help="seconds one cell may take (default 3600, or FLORENCE2_CELL_TIMEOUT)",
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, default=OUTPUT_DIR, help=f"where executed copies go (default {OUTPUT_DIR})"
+    )
     args = parser.parse_args(argv)
 
     notebooks = find_notebooks(args.names)
@@ -181,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     from helpers.course.checkpoints import kit_from_env, models_dir
 
     kit = kit_from_env()
-    print(f"Device: {os.environ['FLORENCE2_DEVICE']}; converted models cached in {models_dir()}"
-          + (f"; classroom kit: {kit}" if kit else ""))
+    print(
+        f"Device: {os.environ['FLORENCE2_DEVICE']}; converted models cached in {models_dir()}"
+        + (f"; classroom kit: {kit}" if kit else "")
+    )
     print(f"Running {len(notebooks)} notebook(s); executed copies go to {args.output_dir}/\n")
 
     started = time.perf_counter()
@@ -205,8 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{number}/{len(notebooks)}] {path.name} ok in {seconds:.1f} s", flush=True)
 
     # A lesson that cannot use this model (e.g. one needing PyTorch weights a kit lacks) says so in its own output.
-    print(f"\nAll {len(notebooks)} notebook(s) ran with FLORENCE2_MODEL={os.environ['FLORENCE2_MODEL']} in "
-          f"{time.perf_counter() - started:.1f} s; see {args.output_dir}/")
+    print(
+        f"\nAll {len(notebooks)} notebook(s) ran with FLORENCE2_MODEL={os.environ['FLORENCE2_MODEL']} in "
+        f"{time.perf_counter() - started:.1f} s; see {args.output_dir}/"
+    )
     return 0
 
 

@@ -123,6 +123,7 @@ def mixed_call(model, processor, iteration: int, workdir: Path) -> None:
         image, task, text, kwargs = request(iteration)
         run_task(model, processor, image, task, text, **kwargs)
     elif kind == 1:
+
         def one(index: int) -> None:
             image, task, text, kwargs = request(index)
             run_task(model, processor, image, task, text, **kwargs)

@@ -72,7 +72,9 @@ def test_every_backend_has_every_measured_field(report):
         assert result["peak_rss_one_image_mb"] <= result["peak_rss_mb"]  # a peak cannot shrink later
         for size in report["settings"]["batch_sizes"]:
             batch = result["batch"][str(size)]
-            assert _finite_positive(batch["seconds"]) and batch["images_per_s"] == pytest.approx(size / batch["seconds"])
+            assert _finite_positive(batch["seconds"]) and batch["images_per_s"] == pytest.approx(
+                size / batch["seconds"]
+            )
 
 
 def test_ratios_are_consistent_with_the_raw_numbers(report):
@@ -129,7 +131,7 @@ def test_deployed_memory_is_measured_without_torch_for_openvino(separate_process
 def test_a_worker_reports_its_own_peak_memory_not_its_parents(benchmark):
     """Workers are started from this (large) process; their peak must be their own (ru_maxrss is inherited)."""
     ballast = bytearray(300 * 2**20)
-    ballast[:: 4096] = b"x" * len(range(0, len(ballast), 4096))  # touch every page: 300 MB resident
+    ballast[::4096] = b"x" * len(range(0, len(ballast), 4096))  # touch every page: 300 MB resident
     parent_mb = benchmark.current_rss_mb()
     script = f"import importlib.util as u; s = u.spec_from_file_location('b', {str(BENCHMARK)!r}); m = u.module_from_spec(s); s.loader.exec_module(m); print(m.peak_rss_mb())"
     child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)

@@ -40,7 +40,9 @@ def test_first_run_stdout_is_only_the_json_answer(photo: Path, tiny_model_dir: P
     assert "converted" in done.stderr  # the first conversion happened, and said so where it belongs
 
 
-def test_region_task_takes_the_pixel_box_the_messages_suggest(photo: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_region_task_takes_the_pixel_box_the_messages_suggest(
+    photo: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
     done = run_cli([str(photo), "--model", str(tiny_model_dir), "--task", "<REGION_TO_CATEGORY>", "--text",
                     "55,42,146,133", "--max-new-tokens", "8", "--device", "CPU"], tmp_path / "models")  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -44,7 +44,7 @@ RECONVERT = "overwrite=True"  # every "damaged output" message must say how to r
 
 #: Runs convert_florence2 and SIGKILLs itself at KILL_AT. argv: source output prebuilt kill_at overwrite(0/1).
 #: prebuilt "-" runs the real, unpatched conversion.
-WRAPPER = r'''
+WRAPPER = r"""
 import os, signal, sys
 from pathlib import Path
 
@@ -125,7 +125,7 @@ def rename(self, target):
 Path.rename = rename
 conv.convert_florence2(source, output, "fp32", overwrite=overwrite == "1", verbose=False)
 print("FINISHED", flush=True)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +162,18 @@ def reuse_prebuilt(monkeypatch: pytest.MonkeyPatch, reference: tuple[Path, Path]
 
 
 def run_wrapper(wrapper: Path, source: Path, output: Path, prebuilt: Path | str, kill_at: str, overwrite: bool):
-    command = [sys.executable, str(wrapper), str(source), str(output), str(prebuilt), kill_at, "1" if overwrite else "0"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    command = [
+        sys.executable,
+        str(wrapper),
+        str(source),
+        str(output),
+        str(prebuilt),
+        kill_at,
+        "1" if overwrite else "0",
+    ]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
 
 
 def leftovers(output: Path) -> list[Path]:
@@ -317,7 +327,9 @@ def test_corrupted_ir_file_of_the_same_size_fails_the_hash_check(tmp_path, refer
     data = bytearray((output / "vision_encoder.bin").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (output / "vision_encoder.bin").write_bytes(bytes(data))
-    with pytest.raises(IncompleteConversionError, match=f"vision_encoder.bin does not match its recorded hash.*{RECONVERT}"):
+    with pytest.raises(
+        IncompleteConversionError, match=f"vision_encoder.bin does not match its recorded hash.*{RECONVERT}"
+    ):
         verify_conversion(output)
 
 
@@ -380,7 +392,9 @@ def test_full_disk_is_refused_before_any_work(tmp_path, reference, monkeypatch, 
     source, _ = reference
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1_000_000))
-    _refused_quickly(source, tmp_path / "out", r"Only 0\.00 GB free at .*needs about .*Free some space or choose another")
+    _refused_quickly(
+        source, tmp_path / "out", r"Only 0\.00 GB free at .*needs about .*Free some space or choose another"
+    )
     assert not (tmp_path / "out").exists() and leftovers(tmp_path / "out") == []
 
 

@@ -229,7 +229,10 @@ def test_zero_area_shapes_are_skipped_and_counted() -> None:
     """pycocotools can never match a box or polygon without area (IoU 0), so exporting one only hides an error."""
     pytest.importorskip("supervision")
     od = {"bboxes": [[10.0, 20.0, 10.0, 80.0], [5.0, 5.0, 15.0, 25.0], [3.0, 7.0, 9.0, 7.0]], "labels": ["a", "b", "c"]}
-    flat = {"polygons": [[[0.0, 0.0, 5.0, 5.0, 10.0, 10.0]], [[0.0, 0.0, 8.0, 0.0, 8.0, 8.0]]], "labels": ["line", "ok"]}
+    flat = {
+        "polygons": [[[0.0, 0.0, 5.0, 5.0, 10.0, 10.0]], [[0.0, 0.0, 8.0, 0.0, 8.0, 8.0]]],
+        "labels": ["line", "ok"],
+    }
     ocr = {"quad_boxes": [[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]], "labels": ["dot"]}
     dataset = to_coco([("x.jpg", 40, 40, "<OD>", od), ("x.jpg", 40, 40, "<REFERRING_EXPRESSION_SEGMENTATION>", flat),
                        ("x.jpg", 40, 40, "<OCR_WITH_REGION>", ocr)])  # fmt: skip

@@ -144,6 +144,7 @@ def test_kill_9_at_random_points_loses_and_duplicates_nothing(reference, tmp_pat
     batch = [sys.executable, "-m", "helpers", str(images), "--task", "<OD>", "--model", str(source), "--device", "CPU",
              "--weight-format", "fp32", "--max-new-tokens", "12", "--num-beams", "1", "--batch-size", "1",
              "--output-dir", str(out), "--quiet"]  # fmt: skip
+
     def batch_complete() -> bool:
         lines = (out / "results.jsonl").read_bytes().splitlines() if (out / "results.jsonl").exists() else []
         return len(lines) == 6

@@ -36,7 +36,7 @@ def parse_dict(text: str) -> dict | None:
     """The JSON or Python-literal dict that starts at the first ``{`` of ``text`` and runs to its end, if any."""
     if "{" not in text:
         return None
-    body = text[text.index("{"):].strip()
+    body = text[text.index("{") :].strip()
     for parse in (json.loads, ast.literal_eval):
         try:
             value = parse(body)

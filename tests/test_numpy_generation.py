@@ -82,10 +82,16 @@ def test_numpy_inputs_give_the_same_tokens(ov_model, tiny_processor):
 
 @pytest.mark.parametrize(
     "kwargs, generator",
-    [({"num_beams": 3}, "numpy"), ({"num_beams": 1}, "numpy"), ({"do_sample": True}, "transformers"),
-     ({"output_scores": True, "return_dict_in_generate": True}, "transformers")],
+    [
+        ({"num_beams": 3}, "numpy"),
+        ({"num_beams": 1}, "numpy"),
+        ({"do_sample": True}, "transformers"),
+        ({"output_scores": True, "return_dict_in_generate": True}, "transformers"),
+    ],
 )
-def test_auto_takes_numpy_when_it_can_and_transformers_otherwise(kwargs, generator, ov_model, tiny_processor, monkeypatch):
+def test_auto_takes_numpy_when_it_can_and_transformers_otherwise(
+    kwargs, generator, ov_model, tiny_processor, monkeypatch
+):
     """The default generator is numpy (faster) for greedy and beam search; sampling and scores go to transformers."""
     from helpers.runtime import numpy_generation
 

@@ -112,8 +112,12 @@ def original_tensors(native: dict[str, torch.Tensor], rows: int, *, tied_names: 
     the original's all-zero ``final_logits_bias`` buffer added."""
     tensors = {}
     for name, tensor in native.items():
-        if name in ("lm_head.weight", "model.language_model.encoder.embed_tokens.weight",
-                    "model.language_model.decoder.embed_tokens.weight", "model.language_model.shared.weight"):
+        if name in (
+            "lm_head.weight",
+            "model.language_model.encoder.embed_tokens.weight",
+            "model.language_model.decoder.embed_tokens.weight",
+            "model.language_model.shared.weight",
+        ):
             continue  # one table, written below under the chosen names
         tensors[original_name(name)] = tensor.t().contiguous() if name.endswith("image_projection.weight") else tensor
     table = native["model.language_model.shared.weight"][:rows].clone()
@@ -268,12 +272,21 @@ def test_mapping_gives_back_the_native_model_bit_for_bit(variant, native_referen
     config = json.loads((native / "config.json").read_text())
     for part in ("vision_config", "text_config"):
         for key, value in config[part].items():
-            if key in reference_config[part] and key not in ("dtype", "drop_path_rate", "dropout", "attention_dropout",
-                                                             "activation_dropout", "transformers_version"):
+            if key in reference_config[part] and key not in (
+                "dtype",
+                "drop_path_rate",
+                "dropout",
+                "attention_dropout",
+                "activation_dropout",
+                "transformers_version",
+            ):
                 assert value == reference_config[part][key], (part, key)
     assert config["image_token_id"] == reference_config["image_token_id"]
 
-    reference_processor, processor = AutoProcessor.from_pretrained(native_reference), AutoProcessor.from_pretrained(native)
+    reference_processor, processor = (
+        AutoProcessor.from_pretrained(native_reference),
+        AutoProcessor.from_pretrained(native),
+    )
     image = Image.new("RGB", (40, 30), "teal")
     for prompt in ("<OD>", "<CAPTION_TO_PHRASE_GROUNDING>a red car", "<REGION_TO_OCR><loc_1><loc_2><loc_30><loc_40>"):
         a = reference_processor(text=prompt, images=image, return_tensors="pt")
@@ -306,7 +319,9 @@ def test_every_original_tensor_is_used_exactly_once(native_reference):
     config = json.loads((native_reference / "config.json").read_text())
     tied = ("language_model.model.shared.weight", "language_model.model.encoder.embed_tokens.weight",
             "language_model.model.decoder.embed_tokens.weight", "language_model.lm_head.weight")  # fmt: skip
-    original = original_tensors(load_file(native_reference / "model.safetensors"), config["image_token_id"], tied_names=tied)
+    original = original_tensors(
+        load_file(native_reference / "model.safetensors"), config["image_token_id"], tied_names=tied
+    )
     mapped = map_weights(original, config["text_config"]["vocab_size"])
     used = [source for sources in mapped.sources.values() for source in sources]
     assert len(used) == len(set(used)), "an original tensor fed two native tensors"
@@ -570,7 +585,9 @@ def test_pytorch_folders_of_every_kind_get_a_clear_message_from_the_openvino_mod
         with pytest.raises(IncompleteConversionError, match="holds a PyTorch checkpoint.*Convert it first") as caught:
             OVFlorence2Model(original, "CPU", cache_dir=None)
         assert "interrupted" not in str(caught.value) and len(str(caught.value)) < 500
-    with pytest.raises(IncompleteConversionError, match=r"holds a PyTorch checkpoint.*weights found: model.safetensors\.\)"):
+    with pytest.raises(
+        IncompleteConversionError, match=r"holds a PyTorch checkpoint.*weights found: model.safetensors\.\)"
+    ):
         OVFlorence2Model(native_reference, "CPU", cache_dir=None)
 
 

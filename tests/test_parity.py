@@ -84,7 +84,9 @@ def test_some_answers_end_before_the_limit(tiny_processor, tiny_torch_model, tin
             inputs = tiny_processor(text=task, images=noise_image(64, 64, seed), return_tensors="pt")
             ids = tiny_ov_model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, num_beams=3)
             with torch.no_grad():
-                assert_same_tokens(tiny_torch_model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, num_beams=3), ids, task)
+                assert_same_tokens(
+                    tiny_torch_model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, num_beams=3), ids, task
+                )
             lengths.append(ids.shape[1])
     assert min(lengths) < MAX_NEW_TOKENS + 1, "no answer ended early: EOS handling is untested"
 
@@ -152,7 +154,11 @@ def test_fast_davit_layout_computes_what_transformers_computes(tiny_torch_model)
 
     from helpers.convert.conversion import _fast_davit_layout
 
-    classes = (florence2.Florence2VisionSpatialBlock, florence2.Florence2VisionChannelBlock, florence2.Florence2VisionChannelAttention)
+    classes = (
+        florence2.Florence2VisionSpatialBlock,
+        florence2.Florence2VisionChannelBlock,
+        florence2.Florence2VisionChannelAttention,
+    )
     originals = [cls.forward for cls in classes]
     pixels = torch.randn(2, 3, 768, 768, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -196,7 +202,11 @@ def test_repeated_calls_at_default_precision_give_the_same_answer(tiny_processor
     image = load_sample("shapes")
     runs = [
         # fresh input tensors each call, as a user's loop would make them
-        model.generate(**tiny_processor(text="<OD>", images=image, return_tensors="pt"), max_new_tokens=MAX_NEW_TOKENS, num_beams=num_beams)
+        model.generate(
+            **tiny_processor(text="<OD>", images=image, return_tensors="pt"),
+            max_new_tokens=MAX_NEW_TOKENS,
+            num_beams=num_beams,
+        )
         for num_beams in (3, 3, 3, 1, 1, 1)  # same shapes back to back: the case a stale buffer would hit
     ]
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2]), "beam search changed between calls"
@@ -236,7 +246,9 @@ def test_cross_attention_keys_are_stored_transposed(tiny_ov_dir: Path):
     import openvino as ov
 
     decoder = ov.Core().read_model(tiny_ov_dir / "decoder.xml")
-    reads = {op.get_attributes()["variable_id"]: op for op in decoder.get_ordered_ops() if op.get_type_name() == "ReadValue"}
+    reads = {
+        op.get_attributes()["variable_id"]: op for op in decoder.get_ordered_ops() if op.get_type_name() == "ReadValue"
+    }
     cross_keys = [read for name, read in reads.items() if name.startswith("past_cross.") and name.endswith(".key")]
     assert cross_keys, "no cross-attention key state in the decoder"
     for read in cross_keys:
@@ -272,7 +284,7 @@ def test_compressed_formats_convert_and_answer_well_formed(weight_format, tiny_m
     model = OVFlorence2Model(folder, "CPU")
     image = noise_image(200, 150, 21)
     for task in ["<CAPTION>", "<OD>", "<CAPTION_TO_PHRASE_GROUNDING>", "<REGION_TO_SEGMENTATION>", "<OCR_WITH_REGION>"]:
-        text = PROMPTS[task][len(task):] or None
+        text = PROMPTS[task][len(task) :] or None
         answer = run_task(model, tiny_processor, image, task, text, max_new_tokens=24)[task]
         keys = ANSWER_KEYS[TASKS[task].answer_kind]
         if keys:

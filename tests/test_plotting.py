@@ -66,7 +66,8 @@ def test_drawing_and_the_task_table_share_one_answer_vocabulary() -> None:
 
 
 @pytest.mark.parametrize(
-    "answer", [None, 42, 3.5, [], [[1, 2, 3, 4]], {}, {"foo": 1}, {"bboxes": "1 2 3 4"}, {"labels": ["x"]}, {"a": 1, "b": 2}]
+    "answer",
+    [None, 42, 3.5, [], [[1, 2, 3, 4]], {}, {"foo": 1}, {"bboxes": "1 2 3 4"}, {"labels": ["x"]}, {"a": 1, "b": 2}],
 )
 def test_not_an_answer_raises_naming_the_shapes(grey: Image.Image, answer: object) -> None:
     with pytest.raises(ValueError, match="bboxes") as error:
@@ -206,7 +207,8 @@ def test_box_partly_outside_is_clipped_to_the_border(grey: Image.Image) -> None:
 
 
 @pytest.mark.parametrize(
-    "box", [[300, 300, 400, 400], [-90, -90, -10, -10], [1e300, 0, 2e300, 10], [math.nan, 10, 50, 50], [10, 10, math.inf, 50]]
+    "box",
+    [[300, 300, 400, 400], [-90, -90, -10, -10], [1e300, 0, 2e300, 10], [math.nan, 10, 50, 50], [10, 10, math.inf, 50]],
 )
 def test_unusable_box_is_skipped(grey: Image.Image, box: list[float]) -> None:
     out = draw_answer(grey, "<OD>", {"bboxes": [box, [40, 40, 120, 100]], "labels": ["bad", "good"]})
@@ -269,7 +271,14 @@ def test_explicit_colours(grey: Image.Image) -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"colors": ["not-a-colour"]}, {"colors": []}, {"colors": [(1, 2)]}, {"line_width": 0}, {"font_size": -3}, {"line_width": math.nan}],
+    [
+        {"colors": ["not-a-colour"]},
+        {"colors": []},
+        {"colors": [(1, 2)]},
+        {"line_width": 0},
+        {"font_size": -3},
+        {"line_width": math.nan},
+    ],
 )
 def test_bad_options_raise_with_the_fix(grey: Image.Image, kwargs: dict) -> None:
     with pytest.raises(ValueError, match="colou?r|positive"):
@@ -312,7 +321,7 @@ def test_real_post_processed_answers(grey: Image.Image, tmp_path: Path) -> None:
 
 coordinate = st.one_of(
     st.floats(-20, 220),
-    st.integers(-10**6, 10**6),
+    st.integers(-(10**6), 10**6),
     st.floats(allow_nan=True, allow_infinity=True),
     st.none(),
     st.text(max_size=3),
@@ -352,11 +361,18 @@ def test_draw_answer_never_raises(answer: object, size: tuple[int, int], fill: b
 
 far_left = st.floats(-1e9, -20)
 outside_answers = st.one_of(
-    st.fixed_dictionaries({"bboxes": st.lists(st.lists(far_left, min_size=4, max_size=4), max_size=4), "labels": labels}),
     st.fixed_dictionaries(
-        {"polygons": st.lists(st.lists(st.lists(far_left, min_size=6, max_size=12), max_size=2), max_size=3), "labels": labels}
+        {"bboxes": st.lists(st.lists(far_left, min_size=4, max_size=4), max_size=4), "labels": labels}
     ),
-    st.fixed_dictionaries({"quad_boxes": st.lists(st.lists(far_left, min_size=8, max_size=8), max_size=4), "labels": labels}),
+    st.fixed_dictionaries(
+        {
+            "polygons": st.lists(st.lists(st.lists(far_left, min_size=6, max_size=12), max_size=2), max_size=3),
+            "labels": labels,
+        }
+    ),
+    st.fixed_dictionaries(
+        {"quad_boxes": st.lists(st.lists(far_left, min_size=8, max_size=8), max_size=4), "labels": labels}
+    ),
 )
 
 

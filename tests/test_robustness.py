@@ -203,7 +203,9 @@ REGION = "<loc_100><loc_200><loc_500><loc_700>"
         ("<OD>", None, {"max_new_tokens": "100"}, ValueError, "must be an integer"),
     ],
 )
-def test_bad_task_text_region_and_length_through_run_task(ov_model, processor, task, text_input, kwargs, error, message):
+def test_bad_task_text_region_and_length_through_run_task(
+    ov_model, processor, task, text_input, kwargs, error, message
+):
     with pytest.raises(error, match=message):
         run_task(ov_model, processor, noise(120, 80, 0), task, text_input, **kwargs)
 
@@ -312,7 +314,11 @@ def test_model_folder_problems_name_the_fix(tmp_path, tiny_source):
     cases = [
         (tmp_path / "nowhere", FileNotFoundError, "does not exist. Convert a model first: `convert_florence2"),
         (empty, IncompleteConversionError, "is empty. Convert a model into it first"),
-        (_bert_folder(tmp_path), IncompleteConversionError, "holds a 'bert' model, not a converted Florence-2.*convert_"),
+        (
+            _bert_folder(tmp_path),
+            IncompleteConversionError,
+            "holds a 'bert' model, not a converted Florence-2.*convert_",
+        ),
         (tiny_source, IncompleteConversionError, "holds a PyTorch checkpoint, not an OpenVINO conversion. Convert it"),
     ]
     for folder, error, message in cases:
@@ -412,7 +418,9 @@ def test_thread_safety_is_documented():
 
 def _run_soak(ov_dir: Path, *args: str) -> dict:
     command = [sys.executable, str(REPO / "scripts" / "soak.py"), "--model-dir", str(ov_dir), "--json", *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "peak RSS" in result.stdout
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -443,7 +451,9 @@ def token_pool(processor) -> dict[str, list[int]]:
     return {
         "any": list(range(len(tokenizer))),
         "loc": [ids(f"<loc_{i}>") for i in (0, 1, 2, 499, 500, 998, 999)],
-        "structure": [ids(t) for t in ("<s>", "</s>", "<pad>", "<unk>", "<poly>", "</poly>", "<sep>", "<and>", "<image>")]
+        "structure": [
+            ids(t) for t in ("<s>", "</s>", "<pad>", "<unk>", "<poly>", "</poly>", "<sep>", "<and>", "<image>")
+        ]
         + [tokenizer.convert_tokens_to_ids(t) for t in ("<od>", "</od>", "<ocr>", "</ocr>")],
         "words": tokenizer(" a red car and a dog", add_special_tokens=False)["input_ids"],
     }
@@ -468,7 +478,7 @@ anything = st.one_of(
     st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=12), st.binary(max_size=4),
 )  # fmt: skip
-numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**6, 10**6))
+numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-(10**6), 10**6))
 
 
 def _only_documented_errors(function, *args, **kwargs):
@@ -502,7 +512,9 @@ def test_format_region_never_crashes_on_arbitrary_input(bins):
 
 
 @settings(max_examples=300, deadline=None)
-@given(task=st.sampled_from(sorted(TASKS)), text=st.one_of(st.text(max_size=40), st.lists(numbers, max_size=5), anything))
+@given(
+    task=st.sampled_from(sorted(TASKS)), text=st.one_of(st.text(max_size=40), st.lists(numbers, max_size=5), anything)
+)
 def test_build_prompt_never_crashes_on_arbitrary_text(task, text):
     prompt = _only_documented_errors(build_prompt, task, text, image_size=(640, 480))
     if prompt is not None:

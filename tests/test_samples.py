@@ -159,7 +159,9 @@ def test_module_entry_point(tmp_path: Path) -> None:
     )  # fmt: skip
     assert sorted(p.name for p in out.iterdir()) == sorted(SAMPLE_IMAGES[n] for n in GENERATORS)
     assert "wrote" in result.stdout
-    listing = subprocess.run([sys.executable, "-m", "helpers.course.samples"], capture_output=True, text=True, check=True)
+    listing = subprocess.run(
+        [sys.executable, "-m", "helpers.course.samples"], capture_output=True, text=True, check=True
+    )
     assert all(name in listing.stdout for name in SAMPLE_IMAGES)
 
 

@@ -153,7 +153,9 @@ def test_five_training_steps_lower_the_loss():
 
     def loss() -> float:
         with torch.no_grad():
-            return training_loss(model, make_batch(seen, processor, random.Random("florence2-teaching-batch/0/0"))).item()
+            return training_loss(
+                model, make_batch(seen, processor, random.Random("florence2-teaching-batch/0/0"))
+            ).item()
 
     model.eval()
     before = loss()

@@ -73,7 +73,9 @@ def true_answers(processor, scenes) -> dict[str, list]:
         for cascade, caption_task in CASCADES.items():
             target = (grounding_target(scene, [g.phrase for g in groups(scene)]) if caption_task == "<CAPTION>"
                       else object_grounding_target(scene))  # fmt: skip
-            answers.setdefault(cascade, []).append(parse(processor, "<CAPTION_TO_PHRASE_GROUNDING>", target, scene.size))
+            answers.setdefault(cascade, []).append(
+                parse(processor, "<CAPTION_TO_PHRASE_GROUNDING>", target, scene.size)
+            )
     return answers
 
 
@@ -108,7 +110,9 @@ def test_targets_round_trip_through_the_real_post_processor(processor, index):
             assert answer["labels"] == [f"{size_word(scene, o)} {o.label}" for o in ordered]
             assert all(close(b, o.box) for b, o in zip(answer["bboxes"], ordered))
         elif task == "<REGION_PROPOSAL>":
-            assert all(close(b, o.box) for b, o in zip(answer["bboxes"], ordered)) and len(answer["bboxes"]) == len(ordered)
+            assert all(close(b, o.box) for b, o in zip(answer["bboxes"], ordered)) and len(answer["bboxes"]) == len(
+                ordered
+            )
         elif task == "<OPEN_VOCABULARY_DETECTION>":
             query = prompt.removeprefix(task)
             found = matching(scene, query)
@@ -136,7 +140,9 @@ def test_a_repeated_category_segments_into_one_polygon_per_shape(processor):
     scene = next(s for s in (training_scene(HELD_OUT_SEED, i) for i in range(200))
                  if any(len(g.boxes) > 1 for g in groups(s)))  # fmt: skip
     label = next(g.label for g in groups(scene) if len(g.boxes) > 1)
-    answer = parse(processor, "<REFERRING_EXPRESSION_SEGMENTATION>", polygon_target(scene, matching(scene, label)), scene.size)
+    answer = parse(
+        processor, "<REFERRING_EXPRESSION_SEGMENTATION>", polygon_target(scene, matching(scene, label)), scene.size
+    )
     assert len(answer["polygons"][0]) == len(matching(scene, label)) >= 2
     assert mask_iou(answer, matching(scene, label), scene.size) >= 0.85
 
@@ -214,7 +220,9 @@ def test_scorers_score_wrong_answers_lower(processor):
             if isinstance(answer, str):
                 answers[k] = "a green cat" if answer else "moon"
             elif answer.get("polygons"):
-                answer["polygons"] = [[[v + 40 for v in polygon] for polygon in instance] for instance in answer["polygons"]]
+                answer["polygons"] = [
+                    [[v + 40 for v in polygon] for polygon in instance] for instance in answer["polygons"]
+                ]
             elif "quad_boxes" in answer:
                 answer["labels"] = ["xyz" for _ in answer["labels"]]
             else:

@@ -73,7 +73,9 @@ def test_model_selector_adds_local_folder_from_env(no_env, tmp_path: Path):
     widget = model_selector()
     _check_widget(widget)
     assert widget.value == str(folder)
-    assert _values(widget) == [*CHECKPOINTS, "teaching", TINY_MODEL, str(folder)], "the folder is added once, after the list"
+    assert _values(widget) == [*CHECKPOINTS, "teaching", TINY_MODEL, str(folder)], (
+        "the folder is added once, after the list"
+    )
     assert "my-florence" in widget.label
 
 

@@ -611,7 +611,9 @@ def _run_batch(model: Any, processor: Any, pictures: list[Any], task: str, reque
 
     text = request.text_input if TASKS[task].needs_text else None
     if request.scores and task in SCORED_TASKS:
-        from helpers.outputs.scores import run_tasks_batch_with_scores  # needs torch: imported only when scores are asked for
+        from helpers.outputs.scores import (
+            run_tasks_batch_with_scores,
+        )  # needs torch: imported only when scores are asked for
 
         outputs = run_tasks_batch_with_scores(model, processor, pictures, task, text, **request.generate_kwargs)
     else:

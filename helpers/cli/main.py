@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text", default=None,
                         help='text input for tasks that take one: a phrase, or a region as a pixel box "x1,y1,x2,y2"')  # fmt: skip
     parser.add_argument(
-        "--model", default=model_from_env(), help="hub id, local folder, or 'tiny' (default: $FLORENCE2_MODEL or base-ft)"
+        "--model",
+        default=model_from_env(),
+        help="hub id, local folder, or 'tiny' (default: $FLORENCE2_MODEL or base-ft)",
     )
     parser.add_argument("--device", default=DEFAULT_DEVICE, help="OpenVINO device: CPU, GPU, AUTO … (default: AUTO)")
     parser.add_argument("--weight-format", default="fp16", choices=WEIGHT_FORMATS)
@@ -99,4 +101,3 @@ def _run(argv: list[str], answer_stream) -> int:
         draw_answer(image, task, result[task]).save(args.out)
         print(f"drawing saved to {args.out}", file=sys.stderr)
     return 0
-

@@ -305,9 +305,10 @@ def _run(jobs: Sequence[ImageJob], batch_size: int, workers: int, ray_address: s
     """Answer ``jobs`` on the cluster, appending each answered chunk to the results as it arrives."""
     from tqdm.auto import tqdm
 
-    with _ray_cluster(ray_address, workers * worker_kwargs["cpus"]) as ray, tqdm(
-        total=len(jobs), unit="image", disable=not progress, desc=f"Florence-2 on Ray ({workers} workers)"
-    ) as bar:
+    with (
+        _ray_cluster(ray_address, workers * worker_kwargs["cpus"]) as ray,
+        tqdm(total=len(jobs), unit="image", disable=not progress, desc=f"Florence-2 on Ray ({workers} workers)") as bar,
+    ):
         seen.cluster = ray.get_runtime_context().gcs_address
         clock.start()
         for row in _answered_chunks(ray, _chunk_rows(jobs, batch_size), workers, worker_kwargs):

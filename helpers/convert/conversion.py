@@ -123,7 +123,6 @@ def check_model_folder(folder: Path) -> None:
         )
 
 
-
 def _has_auto_map(folder: Path) -> bool:
     """An ``auto_map`` in any of the folder's JSON configs points transformers at code shipped with the model."""
     for path in folder.glob("*.json"):
@@ -277,9 +276,15 @@ def _torch_wrappers():
             ).last_hidden_state
             outputs = [self.lm_head(hidden)]
             for layer in range(self.num_layers):
-                outputs += [cache.self_attention_cache.layers[layer].keys, cache.self_attention_cache.layers[layer].values]
+                outputs += [
+                    cache.self_attention_cache.layers[layer].keys,
+                    cache.self_attention_cache.layers[layer].values,
+                ]
             for layer in range(self.num_layers):
-                outputs += [cache.cross_attention_cache.layers[layer].keys, cache.cross_attention_cache.layers[layer].values]
+                outputs += [
+                    cache.cross_attention_cache.layers[layer].keys,
+                    cache.cross_attention_cache.layers[layer].values,
+                ]
             return tuple(outputs)
 
     return VisionEncoder, TextEncoder, DecoderStep
@@ -399,9 +404,7 @@ def convert_text_encoder(model):
     _, TextEncoder, _ = _torch_wrappers()
     width = model.config.text_config.d_model
     example = {"inputs_embeds": torch.randn(2, 9, width), "attention_mask": torch.ones(2, 9, dtype=torch.long)}
-    ov_model = _convert(
-        TextEncoder(model), example, [ov.PartialShape([-1, -1, width]), ov.PartialShape([-1, -1])]
-    )
+    ov_model = _convert(TextEncoder(model), example, [ov.PartialShape([-1, -1, width]), ov.PartialShape([-1, -1])])
     _name_io(ov_model, ["inputs_embeds", "attention_mask"], ["last_hidden_state"])
     return ov_model
 
@@ -579,9 +582,7 @@ def compress(ov_model, part: str, weight_format: str, verbose: bool):
         # The vision encoder is convolution-heavy and small; INT4 there costs accuracy for little size.
         return nncf.compress_weights(ov_model, mode=nncf.CompressWeightsMode.INT8_ASYM)
     group_size = _int4_group_size(ov_model)
-    return nncf.compress_weights(
-        ov_model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=group_size, ratio=1.0
-    )
+    return nncf.compress_weights(ov_model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=group_size, ratio=1.0)
 
 
 def _int4_group_size(ov_model, preferred: int = 128) -> int:
@@ -617,7 +618,11 @@ def _versions() -> dict[str, str]:
     import torch
     import transformers
 
-    versions = {"openvino": openvino.get_version(), "transformers": transformers.__version__, "torch": torch.__version__}
+    versions = {
+        "openvino": openvino.get_version(),
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+    }
     with contextlib.suppress(ImportError):
         import nncf
 
@@ -788,7 +793,6 @@ def _convert_into(folder: Path, staging: Path, weight_format: str, verbose: bool
         except OSError:
             generation_config = model.generation_config
         generation_config.save_pretrained(staging)
-
 
 
 __all__ = [

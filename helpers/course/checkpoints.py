@@ -31,6 +31,7 @@ BASE_RANDOM_MODEL = "base-random"
 TEACHING_MODEL = "teaching"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
+
 @dataclass(frozen=True)
 class Checkpoint:
     hub_id: str

@@ -127,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{entry['model']:45s} {entry['weight_format']:5s} {entry['path']}")
         return 0
     result = build_kit(
-        args.output_dir, args.model, args.weight_format or ["fp16"], include_samples=not args.no_samples, archive=args.archive
+        args.output_dir,
+        args.model,
+        args.weight_format or ["fp16"],
+        include_samples=not args.no_samples,
+        archive=args.archive,
     )
     print(f"Kit ready: {result}\nUse it with FLORENCE2_KIT={Path(args.output_dir).resolve()}")
     return 0

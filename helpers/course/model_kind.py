@@ -119,12 +119,17 @@ def untrained_notice(model: Any, tasks: Sequence[str]) -> str:
     missing = [task for task in tasks if task not in known]
     trained = [task for task in tasks if task in known]
     weak = {task: measured for task, measured in teaching_shortfalls().items() if task in trained}
-    short = "".join(f"\n⚠️  It falls short of its aim on {task}: {measured} on held-out scenes, so an empty or wrong "
-                    "answer there is the model's limit, not your code's." for task, measured in weak.items())
+    short = "".join(
+        f"\n⚠️  It falls short of its aim on {task}: {measured} on held-out scenes, so an empty or wrong "
+        "answer there is the model's limit, not your code's."
+        for task, measured in weak.items()
+    )
     if not missing:
         which = "every task" if len(tasks) > 1 else "the task"
-        return (f"✅ The teaching model was trained on {which} above, so its answers on its scene are real attempts: "
-                "check them against the picture (lesson 12's quality table says how often it is right)." + short)
+        return (
+            f"✅ The teaching model was trained on {which} above, so its answers on its scene are real attempts: "
+            "check them against the picture (lesson 12's quality table says how often it is right)." + short
+        )
     meaningless = "that answer is" if len(missing) == 1 else "those answers are"
     line = f"ℹ️  The teaching model was not trained on {', '.join(missing)}: {meaningless} meaningless"
     return line + (f"; it was trained on {', '.join(trained)}." if trained else ".") + short

@@ -74,7 +74,9 @@ def _check_name(name: str) -> str:
         for sample, file_name in SAMPLE_IMAGES.items():
             if key == file_name.lower():
                 return sample
-    raise ValueError(f"Unknown sample {name!r}. Valid names: {', '.join(SAMPLE_IMAGES)}. See helpers.course.samples.list_samples().")
+    raise ValueError(
+        f"Unknown sample {name!r}. Valid names: {', '.join(SAMPLE_IMAGES)}. See helpers.course.samples.list_samples()."
+    )
 
 
 def sample_path(name: str) -> Path:
@@ -342,8 +344,10 @@ def lesson_sample(name: str, kind: ModelKind) -> str:
     name = _check_name(name)
     if kind != "teaching" or name == "teaching_scene":
         return name
-    print(f"ℹ️  The teaching model knows only generated shape scenes, so it is shown the held-out teaching scene "
-          f"instead of {name!r}.")
+    print(
+        f"ℹ️  The teaching model knows only generated shape scenes, so it is shown the held-out teaching scene "
+        f"instead of {name!r}."
+    )
     return "teaching_scene"
 
 
@@ -390,7 +394,11 @@ def regenerate_samples(output_dir: Path | str | None = None) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m helpers.course.samples [--regenerate [--output-dir DIR]]``: list the samples, or re-render generated ones."""
     parser = argparse.ArgumentParser(prog="python -m helpers.course.samples", description=__doc__.splitlines()[0])
-    parser.add_argument("--regenerate", action="store_true", help="rewrite the generated samples (text, receipt, shapes, teaching_scene)")
+    parser.add_argument(
+        "--regenerate",
+        action="store_true",
+        help="rewrite the generated samples (text, receipt, shapes, teaching_scene)",
+    )
     parser.add_argument("--output-dir", type=Path, default=None, help=f"where to write them (default: {IMAGES_DIR})")
     args = parser.parse_args(argv)
     if args.regenerate:

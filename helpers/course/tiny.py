@@ -119,9 +119,7 @@ def build_tokenizer(work_dir: Path, *, seed: int = 0, vocab_size: int = 1000) ->
     bpe.save_model(str(work_dir))
     vocab = json.loads((work_dir / "vocab.json").read_text())
     merges = [tuple(line.split()) for line in (work_dir / "merges.txt").read_text().splitlines()[1:] if line]
-    tokenizer = BartTokenizer(
-        vocab=vocab, merges=merges, model_specific_special_tokens={"image_token": IMAGE_TOKEN}
-    )
+    tokenizer = BartTokenizer(vocab=vocab, merges=merges, model_specific_special_tokens={"image_token": IMAGE_TOKEN})
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in FLORENCE2_EXTRA_TOKENS])
     tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
     return tokenizer
@@ -176,7 +174,10 @@ def build_config(vocab_size: int, image_token_id: int, arch: TinyArchitecture) -
         activation_dropout=0.0,
     )
     return Florence2Config(
-        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=image_token_id, tie_word_embeddings=True
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_id=image_token_id,
+        tie_word_embeddings=True,
     )
 
 
@@ -223,7 +224,6 @@ def _make_answers_end(model: Florence2ForConditionalGeneration, processor: Flore
         embedding[2] = (1 - pull) * embedding[2] + pull * embedding[frequent]
 
 
-
 def make_tiny_florence2(
     output_dir: str | Path,
     *,
@@ -262,7 +262,9 @@ def make_tiny_florence2(
         if eos_pull is not None:
             _make_answers_end(model, processor, eos_pull)
         model.generation_config = build_generation_config()
-        setattr(model.config, MODEL_KIND_KEY, "random")  # what helpers.course.model_kind.model_kind reads: answers are noise
+        setattr(
+            model.config, MODEL_KIND_KEY, "random"
+        )  # what helpers.course.model_kind.model_kind reads: answers are noise
         for leftover in ("vocab.json", "merges.txt"):
             (staging / leftover).unlink()
         model.save_pretrained(staging)
@@ -282,7 +284,9 @@ RANDOM_PRESETS: dict[str, dict] = {
 }
 
 
-def make_random_florence2(output_dir: str | Path, preset: str = "base", *, seed: int = 0, overwrite: bool = False) -> Path:
+def make_random_florence2(
+    output_dir: str | Path, preset: str = "base", *, seed: int = 0, overwrite: bool = False
+) -> Path:
     """Build a random-weight Florence-2 of a named size offline: ``"base"`` is the full Florence-2-base
     architecture (231M parameters, ~0.9 GB) for honest speed and memory measurements; ``"tiny"`` is
     :func:`make_tiny_florence2`'s default. Answers are noise. Used by ``benchmarks/benchmark.py`` and

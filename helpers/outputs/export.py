@@ -93,7 +93,7 @@ def _bounds(outlines: Sequence[Sequence[float]]) -> tuple[float, float, float, f
 def _unwrap(answer: Any, task: str | None) -> tuple[str | None, Any]:
     """``{task: answer}`` (what run_task returns) → (task, answer); a bare answer is returned as is."""
     if isinstance(answer, Mapping) and len(answer) == 1:
-        (key, value), = answer.items()
+        ((key, value),) = answer.items()
         if isinstance(key, str) and key.startswith("<") and key.endswith(">"):
             return key, value
     return task, answer

@@ -55,8 +55,18 @@ ANSWER_KINDS: dict[AnswerKind, str] = {
 
 #: Default colours, saturated enough to stand out on photos; a label keeps its colour across images.
 PALETTE: tuple[str, ...] = (
-    "#e6262e", "#1f9e3a", "#2563eb", "#f28c0f", "#9333ea", "#0fb5c9",
-    "#db2777", "#84cc16", "#facc15", "#0d9488", "#a16207", "#4f46e5",
+    "#e6262e",
+    "#1f9e3a",
+    "#2563eb",
+    "#f28c0f",
+    "#9333ea",
+    "#0fb5c9",
+    "#db2777",
+    "#84cc16",
+    "#facc15",
+    "#0d9488",
+    "#a16207",
+    "#4f46e5",
 )
 
 #: Labels longer than this are cut with an ellipsis: a dense caption must not cover the whole image.
@@ -250,7 +260,9 @@ def _instances(kind: str, answer: Mapping, size: tuple[int, int], fill_polygons:
             if not parts:
                 continue
             label = _label_text(labels[i] if i < len(labels) else None)
-            instances.append(_Instance(label, label or f"#{shapes_key}{i}", parts=parts, fill=fill_polygons and not quads))
+            instances.append(
+                _Instance(label, label or f"#{shapes_key}{i}", parts=parts, fill=fill_polygons and not quads)
+            )
 
     if kind == "bboxes":
         add_boxes("bboxes", "labels", "scores")
@@ -454,7 +466,11 @@ def draw_answer(
 def _summary(kind: str, answer: Any) -> str:
     """A short caption for drawn answers, so an empty result is visibly empty rather than silently blank."""
     counts = []
-    for key, one, many in (("bboxes", "box", "boxes"), ("polygons", "polygon", "polygons"), ("quad_boxes", "text region", "text regions")):
+    for key, one, many in (
+        ("bboxes", "box", "boxes"),
+        ("polygons", "polygon", "polygons"),
+        ("quad_boxes", "text region", "text regions"),
+    ):
         items = _as_list(answer.get(key)) if key in answer else None
         if items is not None:
             counts.append(f"{len(items)} {one if len(items) == 1 else many}")

@@ -211,9 +211,7 @@ def _polygon_instances(doc: _Text, *, labelled: bool) -> list[Instance]:
                 shapes.append(tuple(bins[: len(bins) - len(bins) % 2]))  # points are (x, y) pairs
                 loc_tokens += [t for m in locs for t in doc.tokens(m.start(), m.end())]
             label = text[label_start:label_end]
-            found.append(
-                Instance("polygons", label, tuple(shapes), tuple(dict.fromkeys(label_tokens + loc_tokens)))
-            )
+            found.append(Instance("polygons", label, tuple(shapes), tuple(dict.fromkeys(label_tokens + loc_tokens))))
     return found
 
 

@@ -38,7 +38,9 @@ class GenerationStrategy(Protocol):
         """Whether this strategy implements the request (``generate_kwargs`` over the model's generation config)."""
         ...
 
-    def generate(self, model: Any, input_ids: Any, pixel_values: Any, attention_mask: Any, **generate_kwargs: Any) -> Any:
+    def generate(
+        self, model: Any, input_ids: Any, pixel_values: Any, attention_mask: Any, **generate_kwargs: Any
+    ) -> Any:
         """Token ids for ``processor.batch_decode``; a torch tensor when ``input_ids`` is one, else numpy int64."""
         ...
 
@@ -51,7 +53,9 @@ class NumpyGeneration:
     def supports(self, model: Any, generate_kwargs: dict[str, Any]) -> bool:
         return numpy_generation.supports(model.generation_config, **generate_kwargs)
 
-    def generate(self, model: Any, input_ids: Any, pixel_values: Any, attention_mask: Any, **generate_kwargs: Any) -> Any:
+    def generate(
+        self, model: Any, input_ids: Any, pixel_values: Any, attention_mask: Any, **generate_kwargs: Any
+    ) -> Any:
         ids = numpy_generation.generate(
             model,
             to_numpy(input_ids),
@@ -71,7 +75,9 @@ class TransformersGeneration:
     def supports(self, model: Any, generate_kwargs: dict[str, Any]) -> bool:
         return TORCH_AVAILABLE
 
-    def generate(self, model: Any, input_ids: Any, pixel_values: Any, attention_mask: Any, **generate_kwargs: Any) -> Any:
+    def generate(
+        self, model: Any, input_ids: Any, pixel_values: Any, attention_mask: Any, **generate_kwargs: Any
+    ) -> Any:
         check_torch_for_transformers()
         from helpers.runtime.hf_generation import transformers_generate  # imports torch: only when first used
 

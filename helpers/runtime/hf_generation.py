@@ -106,7 +106,9 @@ class OVGenerationAdapter(GenerationMixin):
         if model_kwargs.get("encoder_outputs") is not None:
             return model_kwargs
         pixel_values = model_kwargs.pop("pixel_values", None)
-        model_kwargs["encoder_outputs"] = self._encode_tensors(inputs_tensor, pixel_values, model_kwargs.get("attention_mask"))
+        model_kwargs["encoder_outputs"] = self._encode_tensors(
+            inputs_tensor, pixel_values, model_kwargs.get("attention_mask")
+        )
         return model_kwargs
 
     def _encode_tensors(self, input_ids: Any, pixel_values: Any, attention_mask: Any) -> BaseModelOutput:

@@ -210,9 +210,7 @@ def resolve_task(task: str) -> str:
     names = {**{_bare(t): t for t in TASKS}, **by_name}
     close = difflib.get_close_matches(_bare(task), list(names), n=1, cutoff=0.5)
     suggestion = f" Did you mean {names[close[0]]!r}?" if close else ""
-    raise ValueError(
-        f"Unknown task {task!r}.{suggestion} Valid tasks (case-insensitive, brackets optional): {valid}."
-    )
+    raise ValueError(f"Unknown task {task!r}.{suggestion} Valid tasks (case-insensitive, brackets optional): {valid}.")
 
 
 def _check_image_size(image_size: Sequence[float]) -> tuple[float, float]:
@@ -369,9 +367,7 @@ def parse_region(text: str) -> tuple[int, int, int, int]:
     return x1, y1, x2, y2
 
 
-def box_to_loc(
-    box_xyxy_pixels: Sequence[float], image_size: Sequence[float], *, clip: bool = False
-) -> str:
+def box_to_loc(box_xyxy_pixels: Sequence[float], image_size: Sequence[float], *, clip: bool = False) -> str:
     """Pixel box ``(x1, y1, x2, y2)`` on an image of ``image_size=(width, height)`` → region string.
     Taught in ``notebooks/08_region_understanding.ipynb``.
 
@@ -555,9 +551,7 @@ def _load_path(path: Path) -> Image.Image:
         try:
             opened.load()
         except OSError as error:
-            raise ValueError(
-                f"{source} is truncated or corrupt ({error}); re-download or re-save it."
-            )
+            raise ValueError(f"{source} is truncated or corrupt ({error}); re-download or re-save it.")
         return _to_rgb(ImageOps.exif_transpose(opened))
 
 
@@ -634,8 +628,6 @@ def prepare_inputs(model: Any, inputs: Any) -> Any:
         # Only floating tensors change dtype, so pixel_values follow an fp16/bf16 model; ids stay integers.
         inputs = inputs.to(device=model.device, dtype=model.dtype)
     return inputs
-
-
 
 
 def _is_torch_module(model: Any) -> bool:

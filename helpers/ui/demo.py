@@ -141,8 +141,9 @@ def _open_image(image: Any) -> Image.Image:
         try:
             opened = Image.open(io.BytesIO(data))
         except Exception:
-            raise ValueError("The uploaded file is not an image Pillow can read (JPEG, PNG, WebP, ...). "
-                             "Upload a picture.")
+            raise ValueError(
+                "The uploaded file is not an image Pillow can read (JPEG, PNG, WebP, ...). Upload a picture."
+            )
         return load_image(opened)
     if isinstance(image, str):
         if not image.strip():
@@ -245,8 +246,9 @@ def _json_value(value: Any, indent: int) -> str:
     if isinstance(value, Mapping):
         if not value:
             return "{}"
-        items = [f"{inner}{json.dumps(str(k), ensure_ascii=False)}: {_json_value(v, indent + 2)}"
-                 for k, v in value.items()]
+        items = [
+            f"{inner}{json.dumps(str(k), ensure_ascii=False)}: {_json_value(v, indent + 2)}" for k, v in value.items()
+        ]
         return "{\n" + ",\n".join(items) + "\n" + pad + "}"
     if isinstance(value, (list, tuple)):
         if all(not isinstance(v, (Mapping, list, tuple)) for v in value):
@@ -389,16 +391,22 @@ class FlorenceDemo(widgets.VBox):
         self.task.observe(self._on_task, names="value")
         self.run_button.on_click(lambda _button: self.run())
 
-        answer_column = widgets.VBox([self.time, self.answer],
-                                     layout=widgets.Layout(flex="1 1 auto", min_width="300px", margin="0 0 0 12px"))
+        answer_column = widgets.VBox(
+            [self.time, self.answer], layout=widgets.Layout(flex="1 1 auto", min_width="300px", margin="0 0 0 12px")
+        )
         output = widgets.HBox([self.output_image, answer_column], layout=widgets.Layout(align_items="flex-start"))
         super().__init__(
             [
                 widgets.HTML("<b>Florence-2 demo</b>: choose an image and a task, then press <b>Run</b>."),
-                self.source, widgets.HBox([self.sample, self.upload, self.path]), self.image_info,
-                self.task, self.text, self.hint,
+                self.source,
+                widgets.HBox([self.sample, self.upload, self.path]),
+                self.image_info,
+                self.task,
+                self.text,
+                self.hint,
                 widgets.HBox([self.run_button, self.status], layout=widgets.Layout(align_items="center")),
-                self.error, output,
+                self.error,
+                output,
             ]  # fmt: skip
         )
         self.add_class(CSS_CLASSES["demo"])

@@ -124,4 +124,3 @@ def launch_gradio_app(model: Any, processor: Any, *, port: int | None = None, **
     app = build_gradio_app(model, processor, **build_kwargs)
     app.launch(server_name=HOST, server_port=port, share=False, inbrowser=False)
     return app
-

@@ -28,7 +28,14 @@ import ipywidgets as widgets
 
 from helpers.ir import WEIGHT_FORMATS
 from helpers.course import checkpoints as models
-from helpers.course.checkpoints import CHECKPOINTS, DEFAULT_MODEL, TEACHING_MODEL, TINY_MODEL, device_from_env, model_from_env
+from helpers.course.checkpoints import (
+    CHECKPOINTS,
+    DEFAULT_MODEL,
+    TEACHING_MODEL,
+    TINY_MODEL,
+    device_from_env,
+    model_from_env,
+)
 from helpers.course.teaching import teaching_model_available
 
 if TYPE_CHECKING:  # openvino is imported only when a device selector is built

@@ -171,7 +171,12 @@ def average_precision(
         true_boxes = {i: [box for label, box in image if label == category] for i, image in enumerate(truths)}
         positives = sum(len(boxes) for boxes in true_boxes.values())
         ranked = sorted(
-            ((score, i, box) for i, image in enumerate(predictions) for label, box, score in image if label == category),
+            (
+                (score, i, box)
+                for i, image in enumerate(predictions)
+                for label, box, score in image
+                if label == category
+            ),
             key=lambda item: -item[0],
         )
         used = {i: [False] * len(boxes) for i, boxes in true_boxes.items()}
@@ -342,7 +347,10 @@ def score(scenes: Sequence[Scene], answers: dict[str, Sequence[Any]], od_scores:
     captions = answers["<CAPTION>"]
     metrics["caption_names_shapes"] = sum(names_every_shape(c, s) for c, s in zip(captions, scenes)) / count
     metrics["caption_exact"] = sum(c.strip() == caption(s) for c, s in zip(captions, scenes)) / count
-    for key, task in (("detailed_names_shapes", "<DETAILED_CAPTION>"), ("more_detailed_names_shapes", "<MORE_DETAILED_CAPTION>")):
+    for key, task in (
+        ("detailed_names_shapes", "<DETAILED_CAPTION>"),
+        ("more_detailed_names_shapes", "<MORE_DETAILED_CAPTION>"),
+    ):
         metrics[key] = sum(names_every_shape(c, s, with_word=True) for c, s in zip(answers[task], scenes)) / count
 
     od = answers["<OD>"]
@@ -364,28 +372,37 @@ def score(scenes: Sequence[Scene], answers: dict[str, Sequence[Any]], od_scores:
         box_recall_precision(_boxes(a), [(g.phrase, box) for g in groups(s) for box in g.boxes])
         for a, s in zip(answers["<CAPTION_TO_PHRASE_GROUNDING>"], scenes)
     ])  # fmt: skip
-    for cascade, key in zip(CASCADES, ("cascade_caption_recall50", "cascade_detailed_recall50", "cascade_more_detailed_recall50")):
+    for cascade, key in zip(
+        CASCADES, ("cascade_caption_recall50", "cascade_detailed_recall50", "cascade_more_detailed_recall50")
+    ):
         metrics[key], _ = _sum_counts([
             box_recall_precision(_boxes(a), [(o, o.box) for o in s.objects], same=_names_object)
             for a, s in zip(answers[cascade], scenes)
         ])  # fmt: skip
-    metrics["res_mask_iou"] = sum(
-        mask_iou(a, matching(s, leftmost(s).label), s.size)
-        for a, s in zip(answers["<REFERRING_EXPRESSION_SEGMENTATION>"], scenes)
-    ) / count
-    metrics["region_seg_mask_iou"] = sum(
-        mask_iou(a, [leftmost(s)], s.size) for a, s in zip(answers["<REGION_TO_SEGMENTATION>"], scenes)
-    ) / count
+    metrics["res_mask_iou"] = (
+        sum(
+            mask_iou(a, matching(s, leftmost(s).label), s.size)
+            for a, s in zip(answers["<REFERRING_EXPRESSION_SEGMENTATION>"], scenes)
+        )
+        / count
+    )
+    metrics["region_seg_mask_iou"] = (
+        sum(mask_iou(a, [leftmost(s)], s.size) for a, s in zip(answers["<REGION_TO_SEGMENTATION>"], scenes)) / count
+    )
     metrics["ovd_recall50"], metrics["ovd_precision50"] = _sum_counts([
         box_recall_precision(_boxes(a, "bboxes_labels"), [(o.label, o.box) for o in matching(s, leftmost(s).label)])
         for a, s in zip(answers["<OPEN_VOCABULARY_DETECTION>"], scenes)
     ])  # fmt: skip
-    metrics["region_category"] = sum(
-        strip_locations(r) == leftmost(s).label for r, s in zip(answers["<REGION_TO_CATEGORY>"], scenes)
-    ) / count
-    metrics["region_description"] = sum(
-        strip_locations(r) == region_description(s, leftmost(s)) for r, s in zip(answers["<REGION_TO_DESCRIPTION>"], scenes)
-    ) / count
+    metrics["region_category"] = (
+        sum(strip_locations(r) == leftmost(s).label for r, s in zip(answers["<REGION_TO_CATEGORY>"], scenes)) / count
+    )
+    metrics["region_description"] = (
+        sum(
+            strip_locations(r) == region_description(s, leftmost(s))
+            for r, s in zip(answers["<REGION_TO_DESCRIPTION>"], scenes)
+        )
+        / count
+    )
     worded = [s for s in scenes if s.text is not None]
     metrics["region_ocr"] = ratio(
         sum(strip_locations(r) == s.text.text for r, s in zip(answers.get("<REGION_TO_OCR>", []), worded)), len(worded)
@@ -460,7 +477,9 @@ def evaluate(
             answers[task] = run(task, scenes, scored=task == "<OD>")
     for cascade, caption_task in CASCADES.items():
         captions = answers[caption_task]
-        answers[cascade] = run("<CAPTION_TO_PHRASE_GROUNDING>", scenes, [c if c.strip() else "nothing" for c in captions])
+        answers[cascade] = run(
+            "<CAPTION_TO_PHRASE_GROUNDING>", scenes, [c if c.strip() else "nothing" for c in captions]
+        )
     metrics: dict[str, Any] = score(scenes, answers)
     metrics["shortfalls"] = shortfalls(metrics)
     metrics["seconds"] = round(time.perf_counter() - started, 1)
@@ -499,7 +518,9 @@ def load_backend(model_dir: str | Path, backend: str, *, cache_dir: Path | None 
     from helpers.course.checkpoints import converted_dir
     from helpers.runtime.ov_model import EXACT_CONFIG, OVFlorence2Model
 
-    folder = (Path(cache_dir) / f"{Path(model_dir).name}-{backend}") if cache_dir else converted_dir(str(model_dir), backend)
+    folder = (
+        (Path(cache_dir) / f"{Path(model_dir).name}-{backend}") if cache_dir else converted_dir(str(model_dir), backend)
+    )
     if not is_converted(folder, weight_format=backend):
         import logging
 
@@ -558,12 +579,16 @@ def format_table(report: dict[str, Any]) -> str:
     for key, title in METRICS.items():
         aim = f"≥ {aims[key]}" if key in aims else ""
         lines.append(f"| {title} | " + " | ".join(f"{report['results'][b][key]:.3f}" for b in backends) + f" | {aim} |")
-    lines.append("| seconds (all tasks) | " + " | ".join(f"{report['results'][b]['seconds']:.0f}" for b in backends) + " | |")
+    lines.append(
+        "| seconds (all tasks) | " + " | ".join(f"{report['results'][b]['seconds']:.0f}" for b in backends) + " | |"
+    )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m helpers.course.teaching.quality", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m helpers.course.teaching.quality", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--model", type=Path, required=True, help="a trained Florence-2 folder")
     parser.add_argument("--scenes", type=int, default=100, help="held-out scenes to evaluate (default 100)")
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED)
@@ -581,7 +606,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not backends:
         parser.error(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
     if not (args.model / "config.json").exists():
-        parser.error(f"{args.model} is not a model folder (no config.json); train one with python -m helpers.course.teaching.train")
+        parser.error(
+            f"{args.model} is not a model folder (no config.json); train one with python -m helpers.course.teaching.train"
+        )
     if args.scenes < 1:
         parser.error("--scenes must be at least 1")
     generate_kwargs: dict[str, Any] = {}

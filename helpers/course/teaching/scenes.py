@@ -623,7 +623,9 @@ def more_detailed_caption(scene: Scene) -> str:
     """The ``<MORE_DETAILED_CAPTION>`` answer: a paragraph (how many shapes on what background, one sentence per
     shape, the word and the colour of its letters)."""
     count = len(scene.objects)
-    sentences = [f"The image shows {NUMBER_WORDS[count]} shape{'s' if count > 1 else ''} on a {scene.background} background."]
+    sentences = [
+        f"The image shows {NUMBER_WORDS[count]} shape{'s' if count > 1 else ''} on a {scene.background} background."
+    ]
     sentences += [f"There is {region_description(scene, obj)}." for obj in _ordered(scene)]
     if scene.text is not None:
         where = position_phrase(scene, scene.text.box)

@@ -172,8 +172,12 @@ class AuxiliaryHeads(torch.nn.Module):
         weight_c[0] = BACKGROUND_WEIGHT
         weight_s = torch.ones(n_shapes)
         weight_s[0] = BACKGROUND_WEIGHT
-        loss = torch.nn.functional.cross_entropy(logits[..., :n_colours].flatten(0, 2), colour.flatten(), weight=weight_c)
-        loss = loss + torch.nn.functional.cross_entropy(logits[..., n_colours:].flatten(0, 2), shape.flatten(), weight=weight_s)
+        loss = torch.nn.functional.cross_entropy(
+            logits[..., :n_colours].flatten(0, 2), colour.flatten(), weight=weight_c
+        )
+        loss = loss + torch.nn.functional.cross_entropy(
+            logits[..., n_colours:].flatten(0, 2), shape.flatten(), weight=weight_s
+        )
         loss = loss + torch.nn.functional.cross_entropy(word_head(tokens[:, 0]), words)
         # Where is each token? Its row and column, so the absolute position survives to the decoder.
         where = where_head(tokens[:, 1 : 1 + cells]).view(len(tokens), grid, grid, 2, MAX_GRID)[..., :grid]
@@ -512,7 +516,9 @@ def train(
             values = {"vision loss": loss.item(), "object pixels right": accuracy}
         else:
             s = step - config.pretrain_steps
-            scenes = [training_scene(config.seed, s * config.scenes_per_step + i) for i in range(config.scenes_per_step)]
+            scenes = [
+                training_scene(config.seed, s * config.scenes_per_step + i) for i in range(config.scenes_per_step)
+            ]
             batches = make_length_batches(scenes, processor, rng, config.tasks_per_scene,
                                           focus_tasks=config.focus_tasks)  # fmt: skip
             for group in optimizer.param_groups:
@@ -640,7 +646,9 @@ def train_teaching_model(output_dir: str | Path, config: TrainConfig, *, log=pri
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m helpers.course.teaching.train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m helpers.course.teaching.train", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--output", type=Path, required=True, help="folder to write (replaced when done)")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)

@@ -1,6 +1,6 @@
 """Train a small Florence-2 on generated scenes, on the CPU, reproducibly: the teaching model.
 
-The shipped model (``helpers/data/teaching-model``, v2) was made in three rounds, each one command on one CPU thread
+The shipped model (``helpers/data/teaching-model``, v3) was made in four rounds, each one command on one CPU thread
 (``training.json`` beside the weights records the commands, seeds and minutes)::
 
     # rounds 1 and 2 (v1: six tasks, classic scenes): random weights, then new scenes with soft location targets
@@ -10,6 +10,11 @@ The shipped model (``helpers/data/teaching-model``, v2) was made in three rounds
     # round 3 (v2): all 15 tasks on classic and varied scenes, 6 of a scene's examples per step, from v1
     python -m helpers.course.teaching.train --output build/teaching-v2 --init-from build/teaching-v1 \
         --pretrain-steps 0 --steps 1000 --seed 2 --learning-rate 1e-3 --tasks-per-scene 6 --max-minutes 80
+    # round 4 (v3): the tasks furthest from their aim always (--focus), 3 other examples per scene, from v2
+    python -m helpers.course.teaching.train --output build/teaching-v3 --init-from build/teaching-v2 \
+        --pretrain-steps 0 --steps 800 --seed 3 --learning-rate 7e-4 --tasks-per-scene 3 --max-minutes 68 \
+        --focus '<OCR>' '<REGION_TO_OCR>' '<OCR_WITH_REGION>' '<DENSE_REGION_CAPTION>' \
+        '<REFERRING_EXPRESSION_SEGMENTATION>' '<DETAILED_CAPTION>'
 
 ``--max-minutes`` stops a round after the step that passes a wall-clock budget (round 3 finished its 1000 steps in
 73 minutes, inside it; ``training.json`` records ``steps_done``); ``--stop-after N`` repeats a run cut short by the

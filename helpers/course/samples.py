@@ -311,10 +311,12 @@ def shapes_scene_answer(size: tuple[int, int] = SHAPES_SCENE_SIZE) -> dict[str, 
 
 
 #: The shipped teaching scene: scene ``TEACHING_SCENE_INDEX`` of the held-out stream
-#: (:data:`helpers.course.teaching.scenes.HELD_OUT_SEED`, never used in training). Picked because it has a purple triangle,
-#: a blue square, a red circle and the word "OPEN", and the shipped teaching model's ``<OD>`` and ``<CAPTION>``
-#: answers on it are right.
-TEACHING_SCENE_INDEX = 192
+#: (:data:`helpers.course.teaching.scenes.HELD_OUT_SEED`, never used in training). Picked, among the held-out scenes
+#: with one triangle, one square, one circle and a word, as one where the shipped teaching model (v3, OpenVINO fp16)
+#: answers every task that needs no reading right: captions, boxes, grounding, segmentation, region category and
+#: description. The reading tasks fail on it as on most scenes (the model has not learned to read: lesson 12's table).
+#: Every lesson prints the measured rates beside its answers, so a picked scene is never passed off as typical.
+TEACHING_SCENE_INDEX = 3461
 
 
 def teaching_scene() -> Scene:

@@ -40,6 +40,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers.course.samples import teaching_scene
+from helpers.course.teaching.scenes import caption, groups
+
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = "10_interactive_demo.ipynb"
 SCREENSHOT = REPO / "docs" / "demo.png"
@@ -52,8 +55,9 @@ SERVER_START_TIMEOUT = 90  # s
 NOTEBOOK_RUN_TIMEOUT = 240  # s: all cells, including converting the teaching model
 ANSWER_TIMEOUT = 120  # s: one press of Run
 #: The teaching scene's own caption: the teaching model grounds each of its phrases (a right answer to show).
-PHRASE = "a purple triangle, a blue square and a red circle"
-PHRASES = ("a purple triangle", "a blue square", "a red circle")
+SCENE = teaching_scene()
+PHRASES = tuple(group.phrase for group in groups(SCENE))
+PHRASE = caption(SCENE)
 TASK_LABEL = "Phrase grounding"
 TASK = "<CAPTION_TO_PHRASE_GROUNDING>"
 
@@ -269,7 +273,7 @@ def test_demo_in_jupyterlab(chromium_path: str, lab_server: LabServer, tmp_path:
             page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle(),
                                    timeout=15_000)  # fmt: skip
             width, height = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
-            assert (width, height) == (288, 384), "the drawing is the teaching scene (288×384) with the answer"
+            assert (width, height) == SCENE.image.size, "the drawing is the teaching scene with the answer"
             box = image.bounding_box()
             assert box and box["width"] > 100 and box["height"] > 100, f"drawing not visible on screen: {box}"
 

@@ -49,11 +49,13 @@ class CalibrationError(ValueError):
     """The calibration set cannot calibrate this model; the message says what to pass instead."""
 
 
-def calibration_images(scenes: int = CALIBRATION_SCENES) -> list:
-    """The shipped samples of :data:`CALIBRATION_SAMPLES` and ``scenes`` generated teaching scenes (PIL images)."""
+def calibration_images(scenes: int | None = None) -> list:
+    """The shipped samples of :data:`CALIBRATION_SAMPLES` and ``scenes`` (default :data:`CALIBRATION_SCENES`)
+    generated teaching scenes, as PIL images."""
     from helpers.samples import load_sample
     from helpers.teaching.scenes import training_scene
 
+    scenes = CALIBRATION_SCENES if scenes is None else scenes
     images = [load_sample(name) for name in CALIBRATION_SAMPLES]
     return images + [training_scene(CALIBRATION_SEED, index).image for index in range(scenes)]
 

@@ -276,13 +276,13 @@ def roofline_rows(work: dict, times: dict[str, float], rates: dict, activation_p
         step.update(weight_bytes=step_bytes, weight_mb=step_bytes / 2**20)
     step_s = times["decode_step_ms"] / 1000
     rows = [
-        {"part": "vision encoder", "work": f"{work['vision']['total']:.1f} GFLOP", "time_s": times["vision_s"],
+        {"part": "vision encoder", "work": f"{work['vision']['total']:.3g} GFLOP", "time_s": times["vision_s"],
          "achieved": work["vision"]["total"] / times["vision_s"], "unit": "GFLOP/s",
          "reachable": matmul[activation_precision]["gflops"], "reachable_what": f"{activation_precision} matmul"},
-        {"part": "text encoder", "work": f"{work['encoder']['total']:.1f} GFLOP", "time_s": times["encoder_s"],
+        {"part": "text encoder", "work": f"{work['encoder']['total']:.3g} GFLOP", "time_s": times["encoder_s"],
          "achieved": work["encoder"]["total"] / times["encoder_s"], "unit": "GFLOP/s",
          "reachable": matmul[text_precision]["gflops"], "reachable_what": f"{text_precision} matmul"},
-        {"part": "decoder step", "work": f"{step['weight_mb']:.0f} MB weights, {step['gflop']:.2f} GFLOP",
+        {"part": "decoder step", "work": f"{step['weight_mb']:.3g} MB weights, {step['gflop']:.3g} GFLOP",
          "time_s": step_s, "achieved": step["weight_bytes"] / step_s / 1e9, "unit": "GB/s",
          "reachable": rates["int8_weight_stream"]["gb_per_s"], "reachable_what": "1-row INT8 weight stream"},
     ]  # fmt: skip
@@ -298,8 +298,8 @@ def format_roofline(rows_by_backend: dict[str, list[dict]], rates: dict) -> str:
     for backend, rows in rows_by_backend.items():
         for row in rows:
             time_text = f"{row['time_s'] * 1000:.1f} ms" if row["time_s"] < 0.1 else f"{row['time_s']:.3f} s"
-            lines.append(f"| {backend} | {row['part']} | {row['work']} | {time_text} | {row['achieved']:.0f} {row['unit']} "
-                         f"| {row['reachable']:.0f} {row['unit']} ({row['reachable_what']}) | {row['of_reachable']:.0%} |")  # fmt: skip
+            lines.append(f"| {backend} | {row['part']} | {row['work']} | {time_text} | {row['achieved']:.3g} {row['unit']} "
+                         f"| {row['reachable']:.3g} {row['unit']} ({row['reachable_what']}) | {row['of_reachable']:.0%} |")  # fmt: skip
     m = rates["matmul"]
     lines += ["", f"Microbenchmarks, {rates['threads']} threads: OpenVINO MatMul {m['f32']['size']}³ — "
               f"f32 {m['f32']['gflops']:.0f}, bf16 {m['bf16']['gflops']:.0f}, int8 {m['int8']['gflops']:.0f} GFLOP/s "

@@ -504,7 +504,13 @@ def thread_scaling(counts: list[int], backends: list[str], results: dict, source
             ov_dir = str(folders[OV_BACKENDS[backend][0]]) if backend in OV_BACKENDS else None
             run_args = {**args, "threads": count, "ov_threads": count, "parts_only": True}
             if in_process:
-                scaling[str(count)][backend] = measure_backend(backend, source, ov_dir, run_args)
+                import torch
+
+                before = torch.get_num_threads()
+                try:
+                    scaling[str(count)][backend] = measure_backend(backend, source, ov_dir, run_args)
+                finally:
+                    torch.set_num_threads(before)  # this process goes on at its own thread count
                 continue
             cache_dir = tempfile.mkdtemp(prefix="ov-compiled-cache-")
             try:
@@ -985,6 +991,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--threads", nargs="+", type=int, help="also measure parts, greedy and beam 3 at these thread counts")
     parser.add_argument("--no-roofline", action="store_true", help="skip the graph work count and the microbenchmarks")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="build the model and convert it to the backends' formats (time and peak RSS recorded), then stop")
     parser.add_argument("--output", help="JSON path (default benchmarks/results/<quick|full>-<model>.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-source", help=argparse.SUPPRESS)
@@ -1021,6 +1029,12 @@ def main(argv: list[str] | None = None) -> int:
         Path(options.worker_out).write_text(json.dumps(result))
         return 0
     model = options.model or ("tiny" if options.quick else "base-random")
+    if options.prepare_only:
+        formats = sorted({OV_BACKENDS[b][0] for b in options.backends or BACKENDS if b in OV_BACKENDS}, key=FORMAT_ORDER.index)
+        record = RESULTS_DIR / f"conversion-{Path(str(model)).name}.json"
+        prepare(model, formats, verbose=True, record=record)
+        print(format_conversion({"conversion": conversion_record(record)}))
+        return 0
     if options.engines:
         run_engine_throughput(model, quick=options.quick, images=options.images, new_tokens=options.new_tokens,
                               output=options.output)  # fmt: skip

@@ -225,6 +225,62 @@ def record_quality_row(quality_json: Path, w8a8_metrics: dict) -> None:
     partial.replace(quality_json)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Vision features against PyTorch FP32 (the check for models without a task metric, e.g. random weights)
+
+
+#: Images the feature comparison uses: the photos and documents, and held-out teaching scenes (not calibration ones).
+SIMILARITY_SAMPLES: tuple[str, ...] = ("grace_hopper", "pagoda", "flower", "text", "receipt", "shapes", "teaching_scene")
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def feature_similarity(source: str, weight_formats: Sequence[str], *, ov_config: dict | None = None) -> dict:
+    """Cosine similarity of each format's vision features (OpenVINO, ``ov_config``: the CPU's defaults unless given)
+    to PyTorch FP32's, per image of :data:`SIMILARITY_SAMPLES`, with the per-token minimum (the worst image token)."""
+    import torch
+    from transformers import AutoProcessor
+
+    from helpers.conversion import load_torch_model
+    from helpers.models import ensure_converted
+    from helpers.ov_model import OVFlorence2Model
+    from helpers.samples import load_sample
+
+    processor = AutoProcessor.from_pretrained(source)
+    images = {name: load_sample(name) for name in SIMILARITY_SAMPLES}
+    pixels = {name: processor.image_processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"]
+              for name, image in images.items()}  # fmt: skip
+    model = load_torch_model(Path(source))
+    with torch.no_grad():
+        reference = {name: model.get_image_features(p).pooler_output[0].numpy() for name, p in pixels.items()}
+    del model
+    report: dict[str, Any] = {"source": source, "images": list(SIMILARITY_SAMPLES), "formats": {}}
+    for weight_format in weight_formats:
+        ov_model = OVFlorence2Model(ensure_converted(source, weight_format), "CPU", ov_config or {})
+        per_image, worst_token = {}, {}
+        for name, p in pixels.items():
+            features = np.asarray(ov_model.image_features(p.numpy()))[0]
+            per_image[name] = cosine(features, reference[name])
+            token_cos = (features * reference[name]).sum(-1) / (
+                np.linalg.norm(features, axis=-1) * np.linalg.norm(reference[name], axis=-1))
+            worst_token[name] = float(token_cos.min())
+        report["formats"][weight_format] = {"per_image": per_image, "mean": float(np.mean(list(per_image.values()))),
+                                            "min": min(per_image.values()), "worst_token": min(worst_token.values())}  # fmt: skip
+        del ov_model
+    return report
+
+
+def format_similarity(report: dict) -> str:
+    lines = ["| weight format (CPU defaults) | mean cosine to PyTorch FP32 | lowest image | lowest single token |",
+             "|---|---|---|---|"]  # fmt: skip
+    for weight_format, r in report["formats"].items():
+        lines.append(f"| {weight_format} | {r['mean']:.4f} | {r['min']:.4f} | {r['worst_token']:.4f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     from helpers.teaching import TEACHING_MODEL_DIR
 
@@ -237,7 +293,22 @@ def main(argv: list[str] | None = None) -> int:
     gate.add_argument("--measure-reference", action="store_true", help="measure fp16 in the same run too")
     gate.add_argument("--write-quality", action="store_true", help="record the w8a8 row in the model's quality.json")
     gate.add_argument("--json", type=Path, default=None, help="write the whole report (and the gate) here")
+    similarity = sub.add_parser("similarity", help="vision features of each format against PyTorch FP32 (cosine)")
+    similarity.add_argument("--model", default="base-random", help="a model folder or a name resolve_model knows")
+    similarity.add_argument("--formats", nargs="+", default=["fp16", "int8", WEIGHT_FORMAT])
+    similarity.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.command == "similarity":
+        from helpers.models import resolve_model
+
+        result = feature_similarity(resolve_model(args.model), args.formats)
+        result["model"] = args.model
+        print(format_similarity(result), file=sys.stderr)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps({name: r["mean"] for name, r in result["formats"].items()}))
+        return 0
     quality_json = args.model / "quality.json"
     report = measure_gate(args.model, scenes=args.scenes, measure_reference=args.measure_reference,
                           quality_json=quality_json, progress=lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip

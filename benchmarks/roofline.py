@@ -8,8 +8,8 @@ Two halves, used by ``benchmarks/benchmark.py`` (the ``roofline`` section of its
 * **Work from the graph** (:func:`graph_work`): the vision encoder and the text encoder are reshaped to one request's
   static shapes and every ``MatMul``/``Convolution``/``GroupConvolution`` is counted from its shapes
   (2 FLOP per multiply-add); for the decoder, the bytes of weights one step reads (:func:`decoder_step_weights`:
-  every constant the step's outputs depend on, not those of the cross-attention projections, which run once per
-  request in the state initialiser) and the FLOP of its weight products.
+  the weights of every matrix product the step's outputs depend on, not those of the cross-attention projections,
+  which run once per request in the state initialiser) and the FLOP of its weight products.
 * **This CPU's reachable rates** (:func:`microbenchmarks`), measured in the same run: an OpenVINO ``MatMul`` at f32,
   bf16 and INT8 (``FakeQuantize`` on both inputs, which the CPU plugin runs as an INT8 product), a one-row
   ``MatMul`` streaming INT8 weights as a decoder step does, and a memory copy (numpy, one thread) both of a buffer
@@ -101,23 +101,26 @@ def _is_weight(value) -> bool:
 
 
 def decoder_step_weights(ov_model) -> dict[str, float]:
-    """Bytes of constants (weights, their scales and zero points) one decoder step reads, and the FLOP of its
-    products with weights (one token: 2 · the weight elements of each ``MatMul`` whose second input is constant).
+    """The weights of the matrix products one decoder step runs: their bytes as stored (with INT8 scales and zero
+    points), their elements, and the FLOP of one token through them (2 per weight element).
 
-    A ``ReadValue`` with an initialiser is where the walk stops: the cross-attention K/V projections behind it
-    run once per request (on a state reset), not per step. The token embedding is tied to the output projection, so
-    it counts once, in full (the output projection reads all of it at every step)."""
+    A ``ReadValue`` with an initialiser is where the walk stops: the cross-attention K/V projections behind it run
+    once per request (on a state reset), not per step. The token embedding is tied to the output projection, so it
+    counts once, in full (the output projection reads all of it at every step). Biases and norms (vectors) and the
+    position-embedding rows are left out: together well under 1 % of the bytes on Florence-2-base."""
     sinks = [*ov_model.get_results(), *ov_model.get_sinks()]
-    nodes = _ancestors((s for s in sinks), lambda node: node.get_type_name() == "ReadValue")
-    constants = [n for n in nodes if n.get_type_name() == "Constant"]
-    weight_bytes = sum(_constant_bytes(c) for c in constants if _static(c.get_output_partial_shape(0)) and
-                       np.prod(_static(c.get_output_partial_shape(0))) >= 64)  # fmt: skip
+    nodes = _ancestors(sinks, lambda node: node.get_type_name() == "ReadValue")
+    constants: dict[int, Any] = {}
     elements = 0.0
     for node in nodes:
         if node.get_type_name() == "MatMul" and _is_weight(node.input_value(1)):
             shape = node.get_input_partial_shape(1)
             if shape.is_static:
                 elements += float(np.prod(_static(shape)))
+            for ancestor in _ancestors([node.input_value(1).get_node()], lambda n: False):
+                if ancestor.get_type_name() == "Constant":
+                    constants[id(ancestor)] = ancestor
+    weight_bytes = sum(_constant_bytes(c) for c in constants.values())
     return {"weight_bytes": float(weight_bytes), "weight_mb": weight_bytes / 2**20, "weight_elements": elements,
             "gflop": 2.0 * elements / 1e9}
 

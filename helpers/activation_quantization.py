@@ -282,6 +282,15 @@ def format_similarity(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Only the answer (JSON) on standard output; progress, nncf's bars and the tables on standard error."""
+    import contextlib
+
+    answer_stream = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        return _run(argv, answer_stream)
+
+
+def _run(argv: list[str] | None, answer_stream) -> int:
     from helpers.teaching import TEACHING_MODEL_DIR
 
     parser = argparse.ArgumentParser(prog="python -m helpers.activation_quantization",
@@ -307,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=1) + "\n")
-        print(json.dumps({name: r["mean"] for name, r in result["formats"].items()}))
+        print(json.dumps({name: r["mean"] for name, r in result["formats"].items()}), file=answer_stream)
         return 0
     quality_json = args.model / "quality.json"
     report = measure_gate(args.model, scenes=args.scenes, measure_reference=args.measure_reference,
@@ -319,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({"passed": report["gate"]["passed"], "json": str(args.json) if args.json else None}))
+    print(json.dumps({"passed": report["gate"]["passed"], "json": str(args.json) if args.json else None}), file=answer_stream)
     return 0 if report["gate"]["passed"] else 1
 
 

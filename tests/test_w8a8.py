@@ -21,14 +21,22 @@ def small_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def w8a8_dir(small_model_dir, tmp_path_factory) -> Path:
+def models_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("w8a8-cache")
+
+
+@pytest.fixture(scope="module")
+def w8a8_dir(small_model_dir, models_cache) -> Path:
+    """The small model converted to w8a8 where ``load_model`` looks for it (``models_cache``)."""
     import helpers.activation_quantization as aq
     from helpers.conversion import convert_florence2
+    from helpers.models import converted_dir
 
     patch = pytest.MonkeyPatch()
     patch.setattr(aq, "CALIBRATION_SCENES", 4)  # a smaller calibration set: the same code path, seconds not minutes
     try:
-        return convert_florence2(small_model_dir, tmp_path_factory.mktemp("w8a8") / "ir", "w8a8", verbose=False)
+        folder = converted_dir(str(small_model_dir), "w8a8", models_cache)
+        return convert_florence2(small_model_dir, folder, "w8a8", verbose=False)
     finally:
         patch.undo()
 
@@ -141,3 +149,27 @@ def test_the_gate_fails_on_any_metric_more_than_the_tolerance_below():
     gate = accuracy_gate(reference, worse)
     assert not gate["passed"] and not gate["metrics"]["od_map50"]["ok"]
     assert [key for key, row in gate["metrics"].items() if not row["ok"]] == ["od_map50"]
+
+
+def test_the_command_line_answers_with_w8a8(w8a8_dir, small_model_dir, models_cache, monkeypatch, capsys):
+    import json
+
+    from helpers.__main__ import main
+    from helpers.samples import sample_path
+
+    monkeypatch.setenv("FLORENCE2_MODELS_DIR", str(models_cache))  # where w8a8_dir was converted: reused, not redone
+    code = main([str(sample_path("shapes")), "--model", str(small_model_dir), "--weight-format", "w8a8",
+                 "--device", "CPU", "--max-new-tokens", "4", "--num-beams", "1"])  # fmt: skip
+    assert code == 0
+    assert "<CAPTION>" in json.loads(capsys.readouterr().out)
+
+
+def test_a_classroom_kit_holds_a_w8a8_conversion(small_model_dir, tmp_path, monkeypatch):
+    import helpers.activation_quantization as aq
+    from helpers.conversion import read_manifest
+    from helpers.kit import build_kit, find_in_kit
+
+    monkeypatch.setattr(aq, "CALIBRATION_SCENES", 0)  # the six shipped samples only: seconds
+    kit = build_kit(tmp_path / "kit", [str(small_model_dir)], ["w8a8"], include_samples=False)
+    folder = find_in_kit(kit, str(small_model_dir), "w8a8")
+    assert folder is not None and read_manifest(folder)["weight_format"] == "w8a8"

@@ -106,19 +106,20 @@ def quantize_vision_encoder(
     ov_model: Any,
     pixels: Sequence[np.ndarray],
     *,
-    ignored_patterns: Sequence[str] = SENSITIVE_LAYERS,
+    ignored_patterns: Sequence[str] | None = None,
     smooth_quant_alpha: float = SMOOTH_QUANT_ALPHA,
     fast_bias_correction: bool = True,
 ) -> Any:
     """Static INT8 activations and weights for the vision encoder's matrix products and convolutions.
 
     ``pixels`` is the calibration set (:func:`calibration_pixels`). ``ignored_patterns`` keeps matching operations
-    (nncf regular expressions over node names) in higher precision; their weights are then compressed to INT8 like
-    the ``int8`` format's, so no weight stays in float."""
+    (nncf regular expressions over node names; default :data:`SENSITIVE_LAYERS`) in higher precision; their weights
+    are then compressed to INT8 like the ``int8`` format's, so no weight stays in float."""
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
     _check_pixels(ov_model, pixels)
+    ignored_patterns = SENSITIVE_LAYERS if ignored_patterns is None else ignored_patterns
     ignored = nncf.IgnoredScope(patterns=list(ignored_patterns), validate=False) if ignored_patterns else None
     advanced = AdvancedQuantizationParameters(
         smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=smooth_quant_alpha)

@@ -173,3 +173,32 @@ def test_a_classroom_kit_holds_a_w8a8_conversion(small_model_dir, tmp_path, monk
     kit = build_kit(tmp_path / "kit", [str(small_model_dir)], ["w8a8"], include_samples=False)
     folder = find_in_kit(kit, str(small_model_dir), "w8a8")
     assert folder is not None and read_manifest(folder)["weight_format"] == "w8a8"
+
+
+def test_sensitive_layers_stay_in_higher_precision_with_int8_weights(float_vision_encoder, w8a8_dir):
+    import openvino as ov
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from helpers.activation_quantization import calibration_pixels, quantize_vision_encoder
+
+    processor = AutoProcessor.from_pretrained(w8a8_dir)
+    pixels = calibration_pixels(processor, [Image.new("RGB", (90, 70), colour) for colour in ("navy", "orange")])
+    quantized = quantize_vision_encoder(float_vision_encoder.clone(), pixels, ignored_patterns=[r".*convs\.0\.conv.*"])
+    convolutions = {op.get_friendly_name(): op for op in quantized.get_ordered_ops() if op.get_type_name() == "Convolution"}
+    stem = next(op for name, op in convolutions.items() if "convs.0.conv" in name)
+    others = [op for name, op in convolutions.items() if "convs.0.conv" not in name]
+    assert stem.input_value(0).get_node().get_type_name() != "FakeQuantize"  # float activations
+    weight_types = {n.get_output_element_type(0) for n in _ancestor_constants(stem.input_value(1).get_node())}
+    assert weight_types & {ov.Type.u8, ov.Type.i8}, weight_types  # but INT8 weights, as the int8 format has
+    assert others and all(op.input_value(0).get_node().get_type_name() == "FakeQuantize" for op in others)
+
+
+def _ancestor_constants(node) -> list:
+    found, stack = [], [node]
+    while stack:
+        current = stack.pop()
+        if current.get_type_name() == "Constant":
+            found.append(current)
+        stack.extend(value.get_node() for value in current.input_values())
+    return found

@@ -144,6 +144,7 @@ def test_the_gate_fails_on_any_metric_more_than_the_tolerance_below():
 
     reference = dict.fromkeys(METRICS, 0.8)
     assert accuracy_gate(reference, dict.fromkeys(METRICS, 0.79))["passed"]
+    assert accuracy_gate(dict.fromkeys(METRICS, 0.56), dict.fromkeys(METRICS, 0.54))["passed"]  # exactly 0.02 below
     assert accuracy_gate(reference, dict.fromkeys(METRICS, 0.9))["passed"]  # better is never a failure
     worse = {**reference, "od_map50": 0.77}
     gate = accuracy_gate(reference, worse)

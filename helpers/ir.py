@@ -23,7 +23,7 @@ LAYOUT_VERSION = 1
 #: :func:`helpers.course.checkpoints.ensure_converted` reconverts them when it can. 2: DaViT layout rewrite, transposed
 #: cross-attention keys (``benchmarks/README.md``).
 GRAPH_VERSION = 2
-WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
+WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4", "w8a8")  # w8a8: helpers.convert.activation_quantization
 IR_PARTS = ("vision_encoder", "encoder", "decoder")
 #: Names of the decoder's OpenVINO state variables (``past_self.{layer}.key`` …) start with these.
 SELF_STATE_PREFIX = "past_self"

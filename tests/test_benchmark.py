@@ -169,3 +169,49 @@ def test_engine_throughput_puts_one_process_and_ray_side_by_side(benchmark, tiny
         assert len(result["models_loaded"]) == 1 and Path(result["models_loaded"][0]).is_dir()
     assert json.loads(Path(report["json_path"]).read_text())["results"].keys() == results.keys()
     assert all(name in report["table"] for name in results)
+
+
+def test_the_report_has_a_roofline_row_per_backend_and_part(report):
+    roofline = report["roofline"]
+    for backend, r in report["results"].items():
+        rows = {row["part"]: row for row in roofline["rows"][backend]}
+        assert set(rows) == {"vision encoder", "text encoder", "decoder step"}
+        work = next(iter(roofline["work"].values()))
+        # achieved = work counted in the graph / the time measured for that part
+        assert rows["vision encoder"]["achieved"] == pytest.approx(work["vision"]["total"] / r["vision_s"])
+        assert rows["text encoder"]["time_s"] == r["encoder_s"]
+        assert rows["decoder step"]["time_s"] == pytest.approx(r["decode_step_greedy_ms"] / 1000)
+        assert all(
+            _finite_positive(row["reachable"]) and _finite_positive(row["of_reachable"]) for row in rows.values()
+        )
+    # PyTorch reads the same weights as the FP32 IR, in f32
+    fp32_step = roofline["work"]["fp32"]["decoder_step"]
+    assert rows_for(roofline, "pytorch")["decoder step"]["work"].startswith(f"{fp32_step['weight_mb']:.3g} MB")
+    assert "Roofline" in report["table"]
+
+
+def rows_for(roofline: dict, backend: str) -> dict:
+    return {row["part"]: row for row in roofline["rows"][backend]}
+
+
+@pytest.fixture(scope="module")
+def w8a8_threads_report(benchmark, tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "threads.json"
+    return benchmark.run_benchmark(
+        str(tiny_model_dir), quick=True, new_tokens=4, backends=["pytorch", "ov-w8a8"], batch_sizes=[1],
+        threads=[1, os.cpu_count()], roofline=False, output=out, verbose=False,
+    )  # fmt: skip
+
+
+def test_w8a8_backend_and_thread_scaling_are_measured(w8a8_threads_report):
+    report = w8a8_threads_report
+    assert report["results"]["ov-w8a8"]["description"].startswith("OpenVINO INT8 weights + INT8 vision activations")
+    scaling = report["threads"]
+    assert set(scaling) == {"1", str(os.cpu_count())}
+    for count, results in scaling.items():
+        assert set(results) == {"pytorch", "ov-w8a8"}
+        for backend, result in results.items():
+            for field in ("vision_s", "encoder_s", "generate_greedy_s", "generate_beam3_s", "decode_step_greedy_ms"):
+                assert _finite_positive(result[field]), f"{count} threads: {backend}.{field}"
+            assert result["threads"] == int(count)
+    assert "Scaling from 1 to" in report["table"] or os.cpu_count() == 1

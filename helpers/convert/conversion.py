@@ -572,10 +572,15 @@ def _attend_with_transposed_keys(attention, keys_transposed) -> None:
 # Weight compression
 
 
-def compress(ov_model, part: str, weight_format: str, verbose: bool):
-    """Apply ``weight_format`` to one part. fp32/fp16 are handled when saving; int8/int4 use NNCF."""
+def compress(ov_model, part: str, weight_format: str, verbose: bool, processor=None):
+    """Apply ``weight_format`` to one part. fp32/fp16 are handled when saving; int8/int4 use NNCF; w8a8 calibrates
+    the vision encoder's activations on images preprocessed by ``processor``."""
     if weight_format in ("fp32", "fp16"):
         return ov_model
+    if weight_format == "w8a8":
+        from helpers.convert.activation_quantization import compress_w8a8
+
+        return compress_w8a8(ov_model, part, processor, verbose)
     import nncf
 
     if weight_format == "int8" or part == "vision_encoder":
@@ -655,7 +660,7 @@ def _estimate_bytes(folder: Path, weight_format: str) -> int:
     from helpers.convert.original_layout import is_original_layout
 
     weights = sum(p.stat().st_size for p in (*folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin")))
-    factor = {"fp32": 1.0, "fp16": 0.5, "int8": 0.3, "int4": 0.2}[weight_format]
+    factor = {"fp32": 1.0, "fp16": 0.5, "int8": 0.3, "int4": 0.2, "w8a8": 0.3}[weight_format]
     # An original-layout folder is first rewritten in the native layout (float32 at most twice its size on disk).
     native_copy = 2 * weights if is_original_layout(folder) else 0
     # the IR is written to a temporary folder first; a margin covers the processor files and NNCF's scratch.
@@ -675,7 +680,7 @@ def convert_florence2(
     ``model_id_or_path`` is a hub id (``florence-community/Florence-2-base-ft``, …) or a local folder, in
     transformers' native layout or the original one (``microsoft/Florence-2-*`` and most fine-tunes, mapped as data
     by :mod:`helpers.convert.original_layout`; no code from it runs). ``weight_format`` is one of ``fp32``, ``fp16``,
-    ``int8``, ``int4``.
+    ``int8``, ``int4``, ``w8a8`` (INT8 weights and vision activations, :mod:`helpers.convert.activation_quantization`).
     A complete conversion of the same source and format is reused unless ``overwrite``; a folder that holds
     something else is never silently replaced or used, and ``overwrite=True`` replaces only an earlier conversion,
     never the source checkpoint or a folder of other files. A full or read-only output location is refused before
@@ -781,7 +786,7 @@ def _convert_into(folder: Path, staging: Path, weight_format: str, verbose: bool
     }
     for part, build in builders.items():
         with _step(f"Converting {part}", verbose):
-            ov_model = compress(build(), part, weight_format, verbose)
+            ov_model = compress(build(), part, weight_format, verbose, processor)
             ov.save_model(ov_model, staging / f"{part}.xml", compress_to_fp16=weight_format != "fp32")
             del ov_model
             gc.collect()

@@ -26,6 +26,8 @@ DEFAULT_DEVICE = "AUTO"
 TINY_MODEL = "tiny"
 #: ``--model base-random``: the full Florence-2-base architecture with random weights (speed measurements offline).
 BASE_RANDOM_MODEL = "base-random"
+#: ``--model large-random``: the Florence-2-large architecture (0.77 B parameters) with random weights.
+LARGE_RANDOM_MODEL = "large-random"
 #: ``--model teaching`` / ``FLORENCE2_MODEL=teaching``: the small Florence-2 trained on generated shape scenes that
 #: ships in ``helpers/data/teaching-model`` (see :mod:`helpers.course.teaching`); real answers offline, on such scenes.
 TEACHING_MODEL = "teaching"
@@ -101,7 +103,10 @@ def in_hf_cache(model_id: str) -> bool:
 def hub_model_unavailable(model: str, cache_dir: Path | None = None) -> str | None:
     """Why hub id ``model`` cannot be had here, or ``None`` when it can: it is a local folder or a named offline
     model, the classroom kit holds it, it was converted before, it is in the Hugging Face cache, or the hub answers."""
-    if model in (TINY_MODEL, BASE_RANDOM_MODEL, TEACHING_MODEL) or Path(model).expanduser().exists():
+    if (
+        model in (TINY_MODEL, BASE_RANDOM_MODEL, LARGE_RANDOM_MODEL, TEACHING_MODEL)
+        or Path(model).expanduser().exists()
+    ):
         return None
     from helpers.course.kit import find_in_kit
 
@@ -200,6 +205,10 @@ def resolve_model(model: str, *, cache_dir: Path | None = None, fallback: bool =
         from helpers.course.tiny import make_random_florence2
 
         return str(make_random_florence2((cache_dir or models_dir()) / "base-random-florence2", "base"))
+    if model == LARGE_RANDOM_MODEL:
+        from helpers.course.tiny import make_random_florence2
+
+        return str(make_random_florence2((cache_dir or models_dir()) / "large-random-florence2", "large"))
     if not fallback or model != DEFAULT_MODEL:
         return model
     reason = hub_model_unavailable(model, cache_dir)

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     build = sub.add_parser("build", help="convert models into a kit folder")
     build.add_argument("output_dir")
     build.add_argument("--model", action="append", required=True, help="hub id, folder or 'tiny' (repeatable)")
-    build.add_argument("--weight-format", action="append", default=None, help="fp16 (default), int8, int4, fp32")
+    build.add_argument("--weight-format", action="append", default=None, help="fp16 (default), int8, int4, fp32, w8a8")
     build.add_argument("--no-samples", action="store_true")
     build.add_argument("--archive", action="store_true", help="also pack the kit into one .tar file")
     show = sub.add_parser("show", help="list what a kit holds")

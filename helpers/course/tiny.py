@@ -72,6 +72,12 @@ class TinyArchitecture:
             window_size=12,
         )
 
+    @classmethod
+    def florence2_large(cls) -> "TinyArchitecture":
+        """The full-size Florence-2-large architecture (0.77 B parameters): for speed and memory measurements."""
+        return cls(vision_dims=(256, 512, 1024, 2048), vision_heads=(8, 16, 32, 64), vision_depths=(1, 1, 9, 1),
+                   text_width=1024, text_layers=12, text_heads=16, text_ffn=4096, window_size=12)  # fmt: skip
+
 
 def image_seq_length(image_size: int) -> int:
     """Number of ``<image>`` tokens the processor inserts: one per final-stage patch plus one pooled token."""
@@ -281,6 +287,12 @@ RANDOM_PRESETS: dict[str, dict] = {
         "eos_pull": None,
         "vocab_size": 51328,
     },
+    "large": {
+        "architecture": TinyArchitecture.florence2_large(),
+        "weight_std": None,
+        "eos_pull": None,
+        "vocab_size": 51328,
+    },
 }
 
 
@@ -288,7 +300,8 @@ def make_random_florence2(
     output_dir: str | Path, preset: str = "base", *, seed: int = 0, overwrite: bool = False
 ) -> Path:
     """Build a random-weight Florence-2 of a named size offline: ``"base"`` is the full Florence-2-base
-    architecture (231M parameters, ~0.9 GB) for honest speed and memory measurements; ``"tiny"`` is
+    architecture (231M parameters, ~0.9 GB) for honest speed and memory measurements, ``"large"`` Florence-2-large's
+    (0.77 B, ~3.1 GB); ``"tiny"`` is
     :func:`make_tiny_florence2`'s default. Answers are noise. Used by ``benchmarks/benchmark.py`` and
     ``notebooks/11_speed.ipynb``."""
     if preset not in RANDOM_PRESETS:

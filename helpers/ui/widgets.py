@@ -52,6 +52,7 @@ WEIGHT_FORMAT_LABELS: dict[str, str] = {
     "fp16": "fp16: weights stored in half precision (recommended)",
     "int8": "int8: 8-bit weights, about a quarter of fp32",
     "int4": "int4: 4-bit weights in the text model, the smallest",
+    "w8a8": "w8a8: int8 weights, and int8 activations in the vision encoder (fastest on CPUs with VNNI)",
 }
 
 
@@ -67,6 +68,7 @@ def _dropdown(options: list[tuple[str, str]], value: str, description: str) -> w
 #: Labels for the offline models :func:`helpers.course.checkpoints.resolve_model` knows by name (besides ``tiny``).
 _NAMED_MODEL_LABELS: dict[str, str] = {
     "base-random": "base-random: Florence-2-base's layers with random weights (offline speed tests)",
+    "large-random": "large-random: Florence-2-large's layers with random weights (offline speed tests)",
     "teaching": "teaching: small model trained here on generated shape scenes (offline)",
 }
 

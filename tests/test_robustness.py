@@ -342,7 +342,7 @@ def test_conversion_source_problems_name_the_fix(tmp_path, tiny_source):
     for source, message in cases:
         with pytest.raises(ConversionError, match=message):
             convert_florence2(source, tmp_path / "out", "fp32", verbose=False)
-    with pytest.raises(ValueError, match="weight_format must be one of fp32, fp16, int8, int4; got 'fp8'"):
+    with pytest.raises(ValueError, match="weight_format must be one of fp32, fp16, int8, int4, w8a8; got 'fp8'"):
         convert_florence2(tiny_source, tmp_path / "out", "fp8", verbose=False)
 
 

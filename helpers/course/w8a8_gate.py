@@ -123,7 +123,7 @@ def feature_similarity(source: str, weight_formats: Sequence[str], *, ov_config:
     from helpers.runtime.ov_model import OVFlorence2Model
     from helpers.course.samples import load_sample
 
-    processor = AutoProcessor.from_pretrained(source)
+    processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
     images = {name: load_sample(name) for name in SIMILARITY_SAMPLES}
     pixels = {name: processor.image_processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"]
               for name, image in images.items()}  # fmt: skip

@@ -127,7 +127,7 @@ def model_selector(default: str | None = None) -> widgets.Dropdown:
 
 
 def weight_format_selector(default: str = "fp16") -> widgets.Dropdown:
-    """A dropdown of the weight formats :func:`helpers.convert.conversion.convert_florence2` writes: fp32, fp16, int8, int4.
+    """A dropdown of the weight formats :func:`helpers.convert.conversion.convert_florence2` writes: fp32, fp16, int8, int4, w8a8.
 
     Raises ``ValueError`` for an unknown ``default``. Taught in ``notebooks/02_convert.ipynb``.
     """

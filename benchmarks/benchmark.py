@@ -418,7 +418,10 @@ def run_worker(
     cache_dir = tempfile.mkdtemp(prefix="ov-compiled-cache-")
     try:
         where = ["--worker", backend, "--worker-source", source, "--worker-ov-dir", ov_dir or ""]
-        loads = _subprocess([*where, "--worker-loads", cache_dir], f"{backend} (loading)")
+        # parts only (a large model): no load timing; the measuring process's first load compiles
+        loads = (
+            {} if args.get("parts_only") else _subprocess([*where, "--worker-loads", cache_dir], f"{backend} (loading)")
+        )
         worker_args = json.dumps({**args, "cache_dir": cache_dir})
         result = _subprocess([*where, "--worker-args", worker_args], backend)
         python = sys.executable if backend == "pytorch" else deploy_python
@@ -454,21 +457,23 @@ def add_ratios(results: dict[str, dict]) -> dict[str, dict]:
     torch_result = results["pytorch"]
     ratios = {}
     for backend, r in results.items():
-        ratios[backend] = {
-            "generate_greedy": torch_result["generate_greedy_s"] / r["generate_greedy_s"],
-            "generate_beam3": torch_result["generate_beam3_s"] / r["generate_beam3_s"],
-            "vision": torch_result["vision_s"] / r["vision_s"],
-            "encoder": torch_result["encoder_s"] / r["encoder_s"],
-            "decode_step": torch_result["decode_step_greedy_ms"] / r["decode_step_greedy_ms"],
-            "peak_rss": r["peak_rss_mb"] / torch_result["peak_rss_mb"],
-            "peak_rss_one_image": r["peak_rss_one_image_mb"] / torch_result["peak_rss_one_image_mb"],
-            "second_task_vs_first": r["first_task_s"] / r["second_task_s"],
-            "second_task_vs_pytorch": torch_result["second_task_s"] / r["second_task_s"],
-            "second_task_ttft_vs_first": r["first_task_ttft_s"] / r["second_task_ttft_s"],
-            "load_first_vs_second": r["load_first_s"] / r["load_second_s"],
-            "token_agreement_greedy": token_agreement(torch_result["tokens_greedy"], r["tokens_greedy"]),
-            "token_agreement_beam3": token_agreement(torch_result["tokens_beam3"], r["tokens_beam3"]),
+        pairs = {  # ratio -> (numerator, denominator) as (result, field); a parts-only run lacks some fields
+            "generate_greedy": ((torch_result, "generate_greedy_s"), (r, "generate_greedy_s")),
+            "generate_beam3": ((torch_result, "generate_beam3_s"), (r, "generate_beam3_s")),
+            "vision": ((torch_result, "vision_s"), (r, "vision_s")),
+            "encoder": ((torch_result, "encoder_s"), (r, "encoder_s")),
+            "decode_step": ((torch_result, "decode_step_greedy_ms"), (r, "decode_step_greedy_ms")),
+            "peak_rss": ((r, "peak_rss_mb"), (torch_result, "peak_rss_mb")),
+            "peak_rss_one_image": ((r, "peak_rss_one_image_mb"), (torch_result, "peak_rss_one_image_mb")),
+            "second_task_vs_first": ((r, "first_task_s"), (r, "second_task_s")),
+            "second_task_vs_pytorch": ((torch_result, "second_task_s"), (r, "second_task_s")),
+            "second_task_ttft_vs_first": ((r, "first_task_ttft_s"), (r, "second_task_ttft_s")),
+            "load_first_vs_second": ((r, "load_first_s"), (r, "load_second_s")),
         }
+        ratios[backend] = {name: top[0][top[1]] / bottom[0][bottom[1]] for name, (top, bottom) in pairs.items()
+                           if top[1] in top[0] and bottom[1] in bottom[0]}  # fmt: skip
+        ratios[backend]["token_agreement_greedy"] = token_agreement(torch_result["tokens_greedy"], r["tokens_greedy"])
+        ratios[backend]["token_agreement_beam3"] = token_agreement(torch_result["tokens_beam3"], r["tokens_beam3"])
         if "deployed_peak_rss_mb" in r and "deployed_peak_rss_mb" in torch_result:
             ratios[backend]["peak_rss_deployed"] = r["deployed_peak_rss_mb"] / torch_result["deployed_peak_rss_mb"]
     return ratios
@@ -617,7 +622,23 @@ def _deployed_rss(r: dict) -> str:
     return f"{r['deployed_peak_rss_mb']:.0f}{marker}"
 
 
+def format_parts_table(report: dict) -> str:
+    """A parts-only run: parts, greedy and beam 3, peak memory, and the ratios against PyTorch."""
+    results, ratios = report["results"], report["ratios"]
+    lines = ["| backend | vision s | encoder s | decode step ms | greedy s | beam 3 s | peak RSS MB (deployed / measuring) "
+             "| IR/weights MB | greedy vs PyTorch | beam 3 vs PyTorch | vision vs PyTorch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for backend, r in results.items():
+        q = ratios[backend]
+        lines.append(f"| {r['description']} | {r['vision_s']:.3f} | {r['encoder_s']:.3f} | {r['decode_step_greedy_ms']:.1f} "
+                     f"| {r['generate_greedy_s']:.2f} | {r['generate_beam3_s']:.2f} | {_deployed_rss(r)} / {r['peak_rss_mb']:.0f} "
+                     f"| {r['weights_mb']:.0f} | {q['generate_greedy']:.2f}× | {q['generate_beam3']:.2f}× | {q['vision']:.2f}× |")  # fmt: skip
+    return "\n".join(lines + _extra_tables(report))
+
+
 def format_table(report: dict) -> str:
+    if report["settings"].get("parts_only"):
+        return format_parts_table(report)
     results, ratios = report["results"], report["ratios"]
     n = report["settings"]["new_tokens"]
     header = (
@@ -800,12 +821,15 @@ def run_benchmark(
     verbose: bool = True,
     threads: list[int] | None = None,
     roofline: bool = True,
+    parts_only: bool = False,
 ) -> dict:
     """Run the whole benchmark and return the report (also written as JSON + PNG). Used by ``11_speed.ipynb``.
 
     ``threads`` (e.g. ``[1, 2]``): also measure the parts, greedy and beam 3 of PyTorch and every OpenVINO backend
     at each of these thread counts (:func:`thread_scaling`; the machine's own count reuses the main run).
-    ``roofline``: count each part's work in the IR and measure this CPU's rates (``benchmarks/roofline.py``)."""
+    ``roofline``: count each part's work in the IR and measure this CPU's rates (``benchmarks/roofline.py``).
+    ``parts_only``: the parts, greedy, beam 3 and peak memory only (no load times, second task or batches): for
+    the large model, whose full measurement takes long."""
     import openvino
     import torch
     import transformers
@@ -823,7 +847,13 @@ def run_benchmark(
     name = Path(output) if output else RESULTS_DIR / f"{'quick' if quick else 'full'}-{Path(str(model)).name}.json"
     record = name.with_name(f"conversion-{Path(str(model)).name}.json")
     source, folders, convert_seconds = prepare(model, formats, verbose, None if in_process else record)
-    args = {"new_tokens": new_tokens, "repeats": repeats, "threads": os.cpu_count() or 1, "batch_sizes": batch_sizes}
+    args = {
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "threads": os.cpu_count() or 1,
+        "batch_sizes": batch_sizes,
+        "parts_only": parts_only,
+    }
     deploy_python = sys.executable if in_process else torch_free_python(verbose)
     results = {}
     for backend in backends:
@@ -835,11 +865,14 @@ def run_benchmark(
             r = results[backend]
             print(f"  greedy {r['generate_greedy_s']:.2f} s, beam3 {r['generate_beam3_s']:.2f} s, "
                   f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)  # fmt: skip
+            # a backend at a time, so an interrupted run keeps what it measured
+            Path(name.with_suffix(".partial.json")).write_text(json.dumps(results, indent=1))
     report = {
         "settings": {
             "model": model, "source": source, "quick": quick, "new_tokens": new_tokens, "repeats": repeats,
             "batch_sizes": batch_sizes, "first_task": FIRST_TASK, "second_task": SECOND_TASK, "image": "grace_hopper",
             "rss": "in-process: peak of the whole process" if in_process else "one subprocess per backend, one load",
+            "parts_only": parts_only,
         },
         "machine": {
             "cpu": cpu_name(), "threads": os.cpu_count(), "python": platform.python_version(),
@@ -856,7 +889,7 @@ def run_benchmark(
         report["roofline"] = measure_roofline(results, folders, source, quick, in_process)
         report["amdahl"] = amdahl(results, report["roofline"])
     # The targets are the full-size model's: a quick run (a small model, 8 tokens, one process) is not graded.
-    if not quick:
+    if not quick and not parts_only:
         report["targets"] = {name: bool(check(report["ratios"])) for name, (needs, check) in TARGETS.items()
                              if all(b in results for b in needs)}  # fmt: skip
     name.parent.mkdir(parents=True, exist_ok=True)
@@ -1032,6 +1065,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-roofline", action="store_true", help="skip the graph work count and the microbenchmarks")
     parser.add_argument(
+        "--parts-only",
+        action="store_true",
+        help="parts, greedy, beam 3 and peak memory only (no load times, second task, batches)",
+    )
+    parser.add_argument(
         "--prepare-only",
         action="store_true",
         help="build the model and convert it to the backends' formats (time and peak RSS recorded), then stop",
@@ -1087,7 +1125,7 @@ def main(argv: list[str] | None = None) -> int:
     run_benchmark(
         model, quick=options.quick, repeats=options.repeats, new_tokens=options.new_tokens, backends=options.backends,
         batch_sizes=options.batch_sizes, in_process=options.in_process, output=options.output,
-        threads=options.threads, roofline=not options.no_roofline,
+        threads=options.threads, roofline=not options.no_roofline, parts_only=options.parts_only,
     )  # fmt: skip
     return 0
 

@@ -159,6 +159,32 @@ def test_compiled_cache_place_is_configurable(cache, tmp_path, monkeypatch) -> N
     assert explicit.compiled_cache == tmp_path / "mine" and len(blobs(tmp_path / "mine")) == 4
 
 
+def test_a_failing_compiled_cache_never_stops_a_model_from_loading(cache, tmp_path, monkeypatch) -> None:
+    """Processes sharing a cache folder can make OpenVINO fail on a blob another one wrote or pruned (seen with two
+    Ray actors compiling the teaching model at once: "cannot set permissions: No such file or directory [….blob]").
+    The cache only saves time, so the part compiles again without it. OpenVINO is made to fail exactly that way
+    whenever a CACHE_DIR is given; the model must still load and answer."""
+    import openvino as ov
+
+    from helpers.runtime import ov_model
+
+    class RacingCore(ov.Core):
+        def compile_model(self, model, device_name=None, config=None):
+            if config and "CACHE_DIR" in config:
+                raise RuntimeError("filesystem error: cannot set permissions: No such file or directory [x.blob]")
+            return super().compile_model(model, device_name, config)
+
+    monkeypatch.setattr(ov_model.ov, "Core", RacingCore)
+    _, converted = cache
+    model = ov_model.OVFlorence2Model(converted, "CPU", cache_dir=tmp_path / "shared-cache")
+    assert model.compiled_cache == tmp_path / "shared-cache"
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(converted, trust_remote_code=False)
+    pixels = processor.image_processor(images=Image.new("RGB", (64, 64)), return_tensors="np")["pixel_values"]
+    assert model.image_features(pixels).shape[0] == 1
+
+
 def test_loading_a_complete_conversion_deletes_what_killed_conversions_left(cache) -> None:
     import subprocess
     import sys

@@ -250,7 +250,7 @@ class OVFlorence2Model:
             config["CACHE_DIR"] = str(part_cache)
         before = _blobs(part_cache)
         try:
-            compiled = self.core.compile_model(model, self.device_name, config)
+            compiled = self._compile_with_cache_fallback(model, config)
         except RuntimeError as error:
             if not isinstance(model, (str, Path)):
                 raise
@@ -262,6 +262,17 @@ class OVFlorence2Model:
         if part_cache is not None and _blobs(part_cache) - before:
             prune_compiled_cache(part_cache)
         return compiled
+
+    def _compile_with_cache_fallback(self, model: ov.Model | str | Path, config: dict[str, Any]) -> ov.CompiledModel:
+        """``compile_model``, and once more without ``CACHE_DIR`` if it fails with it: processes sharing a cache
+        folder (Ray actors, two notebooks) can write or prune the same blob at once, and OpenVINO then fails on a
+        file that vanished. The cache only saves time; a model that compiles without it must load."""
+        try:
+            return self.core.compile_model(model, self.device_name, config)
+        except RuntimeError:
+            if "CACHE_DIR" not in config:
+                raise
+        return self.core.compile_model(model, self.device_name, {k: v for k, v in config.items() if k != "CACHE_DIR"})
 
     def compile_config(self, part: str) -> dict[str, Any]:
         """The settings ``part`` is compiled with: :data:`DECODER_DEFAULTS` (decoder, not on NPU), then ``ov_config``,

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from helpers.cli.image_sources import glob_match, is_uri, list_uri_images, open_uri_image, uri_sha256
+from helpers.cli.image_sources import GLOB_CHARS, glob_match, is_uri, list_uri_images, open_uri_image, uri_sha256
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -91,7 +91,6 @@ LOCK_FILE = ".lock"
 COCO_FILE = "coco.json"
 SUMMARY_FILE = "summary.json"
 DRAWINGS_DIR = "drawings"
-_GLOB_CHARS = ("*", "?", "[")
 
 
 class BatchLockedError(RuntimeError):
@@ -108,7 +107,7 @@ class RequestMismatchError(ValueError):
 
 
 def _is_glob(text: str) -> bool:
-    return any(char in text for char in _GLOB_CHARS)
+    return any(char in text for char in GLOB_CHARS)
 
 
 def is_batch_source(source: str | Path) -> bool:

@@ -20,10 +20,11 @@ import re
 from collections.abc import Collection, Sequence
 from typing import Any
 
-__all__ = ["glob_match", "is_uri", "list_uri_images", "read_uri_bytes", "uri_sha256", "open_uri_image"]
+__all__ = ["GLOB_CHARS", "glob_match", "is_uri", "list_uri_images", "read_uri_bytes", "uri_sha256", "open_uri_image"]
 
 _SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
-_GLOB_CHARS = ("*", "?", "[")
+#: Characters that make a path a glob pattern (local paths and URIs alike).
+GLOB_CHARS = ("*", "?", "[")
 
 
 def is_uri(text: Any) -> bool:
@@ -91,7 +92,7 @@ def list_uri_images(uri: str, suffixes: Collection[str], *, recursive: bool = Fa
 
     prefix, rest, query = _split(uri)
     parts = rest.rstrip("/").split("/")
-    glob_at = next((i for i, part in enumerate(parts) if any(c in part for c in _GLOB_CHARS)), None)
+    glob_at = next((i for i, part in enumerate(parts) if any(c in part for c in GLOB_CHARS)), None)
     fixed = "/".join(parts if glob_at is None else parts[:glob_at])
     filesystem, base = _filesystem(prefix + fixed + query)
     try:

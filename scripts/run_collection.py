@@ -58,19 +58,15 @@ def choose_model() -> str:
         os.environ["HF_HUB_OFFLINE"] = "1"  # the kernels must not wait on the network either
     asked = os.environ.get("FLORENCE2_MODEL", "").strip()
     model = asked or DEFAULT_MODEL
-    reason = hub_model_unavailable(model)
-    if reason is None:
-        print(f"Model: {model} ({'from FLORENCE2_MODEL' if asked else 'the default'})")
-        return model
-    if model != DEFAULT_MODEL:
+    if model != DEFAULT_MODEL and (reason := hub_model_unavailable(model)) is not None:
         raise SystemExit(
             f"error: {model} (FLORENCE2_MODEL) cannot be loaded: {reason}. Download it once (`hf download {model}`), "
             "point FLORENCE2_KIT at a classroom kit that holds it, or set FLORENCE2_MODEL to a local model folder."
         )
-    print("=" * 100)
-    fallback = resolve_model(model)  # says why, and which offline model it uses instead
-    print("=" * 100)
-    return TEACHING_MODEL if fallback == str(TEACHING_MODEL_DIR) else fallback
+    if model == DEFAULT_MODEL and (fallback := resolve_model(model)) != model:  # says why, and which model instead
+        return TEACHING_MODEL if fallback == str(TEACHING_MODEL_DIR) else fallback
+    print(f"Model: {model} ({'from FLORENCE2_MODEL' if asked else 'the default'})")
+    return model
 
 
 def find_notebooks(selectors: list[str]) -> list[Path]:

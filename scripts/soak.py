@@ -48,11 +48,8 @@ from statistics import median
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run from a checkout without installing helpers
-    sys.path.insert(0, str(REPO))
-
-from helpers.tasks.run import TASKS, run_task  # noqa: E402
+from helpers.process_memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from helpers.tasks.run import TASKS, run_task
 
 #: Text inputs for the tasks that need one, regions given both ways (string and pixel box).
 TEXT_INPUTS = {
@@ -66,30 +63,6 @@ TEXT_INPUTS = {
 }
 SIZES = [(64, 48), (200, 120), (97, 301), (48, 48), (320, 240)]
 MODES = ["RGB", "L", "RGBA", "P"]
-
-
-def rss_bytes() -> int:
-    """Current resident set size of this process."""
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter of this process (Linux); False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    """The kernel's peak RSS of this process since the last :func:`reset_peak_rss` (Linux ``VmHWM``)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM in /proc/self/status")
 
 
 def request(iteration: int) -> tuple[Image.Image, str, object, dict]:

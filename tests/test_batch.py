@@ -153,6 +153,9 @@ def test_python_m_helpers_runs_a_glob_and_still_runs_one_image(folder, tmp_path,
     assert "scores" in records["c.png"]["results"]["<OCR_WITH_REGION>"]
     assert json.loads((out / "coco.json").read_text())["images"]
     assert "3 images answered" in capsys.readouterr().err
+    facts = json.loads((out / "summary.json").read_text())
+    assert facts["engine"] == "local" and facts["images_answered"] == 5
+    assert 200 < facts["peak_rss_mb"] < 20_000  # this process's peak: python, torch, the model (not a page count)
 
     assert main([str(folder / "a.png"), "--task", "<OD>", *common]) == 0  # one image: JSON answer on stdout
     assert set(json.loads(capsys.readouterr().out)) == {"<OD>"}

@@ -28,8 +28,6 @@ from helpers.tasks.run import TASKS, run_cascaded_task, run_task, run_tasks_batc
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-from torch_free_venv import build_torch_free_venv, venv_python  # noqa: E402
 
 #: A text input for each kind of task (none, free text, region).
 EXAMPLE_TEXT = {
@@ -80,8 +78,13 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def torch_free_venv() -> Path:
-    return build_torch_free_venv()
+def torch_free_python() -> str:
+    """The deployment environment's interpreter, as the README's users get it: the script builds it (once) and
+    prints its path last."""
+    built = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "torch_free_venv.py")], check=True, capture_output=True, text=True
+    )
+    return built.stdout.strip().splitlines()[-1]
 
 
 def noise_image(width: int, height: int, seed: int) -> Image.Image:
@@ -94,12 +97,12 @@ def normalised(value):
     return json.loads(json.dumps(value))
 
 
-def test_torch_is_not_importable_there(torch_free_venv: Path):
-    result = subprocess.run([str(venv_python(torch_free_venv)), "-c", "import torch"], capture_output=True, text=True)
+def test_torch_is_not_importable_there(torch_free_python: str):
+    result = subprocess.run([torch_free_python, "-c", "import torch"], capture_output=True, text=True)
     assert result.returncode != 0 and "No module named 'torch'" in result.stderr
 
 
-def test_all_tasks_give_the_same_answers_without_torch(torch_free_venv: Path, tiny_model_dir: Path, tmp_path: Path):
+def test_all_tasks_give_the_same_answers_without_torch(torch_free_python: str, tiny_model_dir: Path, tmp_path: Path):
     model_dir = convert_florence2(tiny_model_dir, tmp_path / "ov", "fp32", verbose=False)
     image_dir = tmp_path / "images"
     image_dir.mkdir()
@@ -118,7 +121,7 @@ def test_all_tasks_give_the_same_answers_without_torch(torch_free_venv: Path, ti
     out = tmp_path / "answers.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     run = subprocess.run(
-        [str(venv_python(torch_free_venv)), "-c", SCRIPT, str(model_dir), str(image_dir), str(out)],
+        [torch_free_python, "-c", SCRIPT, str(model_dir), str(image_dir), str(out)],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-4000:]
@@ -149,7 +152,7 @@ def test_all_tasks_give_the_same_answers_without_torch(torch_free_venv: Path, ti
     assert np.array_equal(np.load(out.with_suffix(".npy")), pixels), "the torch-free processor prepares other pixels"
 
 
-def test_batch_command_line_runs_without_torch(torch_free_venv: Path, tiny_model_dir: Path, tmp_path: Path):
+def test_batch_command_line_runs_without_torch(torch_free_python: str, tiny_model_dir: Path, tmp_path: Path):
     """`python -m helpers FOLDER` on a converted folder works in the torch-free venv (answers without scores, and
     says so) and gives the answers the full environment's batch mode gives."""
     from helpers.cli.batch import process_images
@@ -162,7 +165,7 @@ def test_batch_command_line_runs_without_torch(torch_free_venv: Path, tiny_model
         noise_image(*size, seed=seed).save(image_dir / f"noise{seed}.png")
     tasks = ["<OD>", "<CAPTION>"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    command = [str(venv_python(torch_free_venv)), "-m", "helpers", str(image_dir), "--task", tasks[0], "--task",
+    command = [torch_free_python, "-m", "helpers", str(image_dir), "--task", tasks[0], "--task",
                tasks[1], "--model", str(model_dir), "--weight-format", "fp32", "--device", "CPU",
                "--max-new-tokens", "12", "--output-dir", str(tmp_path / "out"), "--quiet"]  # fmt: skip
     run = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)

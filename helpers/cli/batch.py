@@ -34,7 +34,8 @@ of a run that died is taken over). ``--coco`` writes ``coco.json`` from all line
 The steps are public functions, so another engine can run them: :func:`plan_batch` (which images and tasks are
 pending), :func:`answer_chunk` (answer some of them → records), :func:`append_records`, :func:`write_coco` and
 :func:`draw_record`, inside :func:`output_lock`. ``--engine ray --workers N`` does that on Ray Data
-(:mod:`helpers.cli.ray_engine`); both engines write ``summary.json`` (engine, images/second, the model that ran).
+(:mod:`helpers.cli.ray_engine`); both engines write ``summary.json`` (engine, images/second, the model that ran;
+the one-process engine also its peak memory, ``peak_rss_mb``).
 
 Taught in ``notebooks/11_speed.ipynb`` (batches) and the README ("Use it in your own project").
 """
@@ -52,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from helpers.process_memory import peak_rss_bytes
 from helpers.cli.image_sources import GLOB_CHARS, glob_match, is_uri, list_uri_images, open_uri_image, uri_sha256
 
 __all__ = [
@@ -859,8 +861,17 @@ def _run_local(args: argparse.Namespace, tasks: list[str], options: dict[str, An
         "images_failed": len(summary.failed), "images_skipped": summary.skipped, "seconds": round(seconds, 3),
         "images_per_second": round(answered / seconds, 4) if answered and seconds > 0 else None,
         "model": args.model, "model_dirs_loaded": [str(model.model_dir)], "ov_configs": [model.ov_config],
+        "peak_rss_mb": _peak_rss_mb(),
     })  # fmt: skip
     return summary
+
+
+def _peak_rss_mb() -> float | None:
+    """This process's peak memory, model loading included: what one worker of this engine needs."""
+    try:
+        return round(peak_rss_bytes() / 2**20, 1)
+    except OSError:  # a system without /proc or the resource module
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

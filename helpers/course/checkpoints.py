@@ -78,9 +78,14 @@ def kit_from_env() -> Path | None:
     return Path(kit).expanduser().resolve() if kit else None
 
 
+def offline_mode() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` asks for no network (read now: a notebook may set it after importing helpers)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """False when ``HF_HUB_OFFLINE`` is set or huggingface.co cannot be reached within ``timeout`` seconds."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    if offline_mode():
         return False
     try:
         with socket.create_connection(("huggingface.co", 443), timeout=timeout):
@@ -117,8 +122,7 @@ def hub_model_unavailable(model: str, cache_dir: Path | None = None) -> str | No
         return None
     if hub_reachable():
         return None
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    hub = "the Hugging Face hub is unreachable" + (" (HF_HUB_OFFLINE is set)" if offline else "")
+    hub = "the Hugging Face hub is unreachable" + (" (HF_HUB_OFFLINE is set)" if offline_mode() else "")
     where = f"the classroom kit {kit}" if kit is not None else "a classroom kit (FLORENCE2_KIT is not set)"
     return (
         f"{hub}, and it is not in {where}, not among the converted models in "

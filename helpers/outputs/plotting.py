@@ -22,12 +22,12 @@ import textwrap
 import unicodedata
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
+from helpers.outputs.export import ExportInstance
 from helpers.tasks.run import LOCATION_TOKEN, TASKS, AnswerKind
 
 if TYPE_CHECKING:
@@ -73,17 +73,6 @@ PALETTE: tuple[str, ...] = (
 MAX_LABEL_CHARS = 48
 #: Alpha (0-255) of polygon fills: the object stays visible under its mask.
 FILL_ALPHA = 90
-
-
-@dataclass
-class _Instance:
-    """One thing to draw: a box, or one or more closed point lists (polygon parts, a quad)."""
-
-    label: str  # shown text (may include a score)
-    key: str  # what the colour depends on: the label without score, or the index for unlabeled items
-    box: tuple[float, float, float, float] | None = None
-    parts: tuple[list[Point], ...] = ()
-    fill: bool = False
 
 
 # --- recognising answers ----------------------------------------------------------------------------------------
@@ -234,9 +223,27 @@ def _labels(answer: Mapping, key: str) -> list:
     return _as_list(raw) or []
 
 
-def _instances(kind: str, answer: Mapping, size: tuple[int, int], fill_polygons: bool) -> list[_Instance]:
-    """Clean drawable instances; labels are matched by position, missing ones are empty (count mismatch is common)."""
-    instances: list[_Instance] = []
+def _flat(points: Sequence[Point]) -> list[float]:
+    return [value for point in points for value in point]
+
+
+def _points(flat: Sequence[float]) -> list[Point]:
+    return list(zip(flat[0::2], flat[1::2]))
+
+
+def _bounds(parts: Sequence[Sequence[Point]]) -> tuple[float, float, float, float]:
+    xs = [x for part in parts for x, _ in part]
+    ys = [y for part in parts for _, y in part]
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def _instances(kind: str, answer: Mapping, size: tuple[int, int]) -> list[tuple[ExportInstance, str]]:
+    """The drawable instances, each with what its colour depends on (its label, or its position when it has none).
+
+    The same :class:`~helpers.outputs.export.ExportInstance` the exports use, but read leniently: labels are matched
+    by position (missing ones are empty: a count mismatch is common), junk coordinates are dropped, boxes are
+    clipped to the image, polygon parts of two points are kept (drawn as a line)."""
+    instances: list[tuple[ExportInstance, str]] = []
 
     def add_boxes(boxes_key: str, labels_key: str, scores_key: str | None) -> None:
         labels = _labels(answer, labels_key)
@@ -245,9 +252,9 @@ def _instances(kind: str, answer: Mapping, size: tuple[int, int], fill_polygons:
             box = _clean_box(raw, size)
             if box is None:
                 continue
-            name = _label_text(labels[i] if i < len(labels) else None)
-            shown = _with_score(name, scores[i] if scores and i < len(scores) else None)
-            instances.append(_Instance(shown, name or f"#{boxes_key}{i}", box=box))
+            label = _label_text(labels[i] if i < len(labels) else None)
+            score = _to_float(scores[i]) if scores and i < len(scores) and scores[i] is not None else None
+            instances.append((ExportInstance(label, box, [], score, "bboxes"), label or f"#{boxes_key}{i}"))
 
     def add_shapes(shapes_key: str, labels_key: str, *, quads: bool) -> None:
         labels = _labels(answer, labels_key)
@@ -260,9 +267,9 @@ def _instances(kind: str, answer: Mapping, size: tuple[int, int], fill_polygons:
             if not parts:
                 continue
             label = _label_text(labels[i] if i < len(labels) else None)
-            instances.append(
-                _Instance(label, label or f"#{shapes_key}{i}", parts=parts, fill=fill_polygons and not quads)
-            )
+            outlines = [_flat(part) for part in parts]
+            instance = ExportInstance(label, _bounds(parts), outlines, None, "quad_boxes" if quads else "polygons")
+            instances.append((instance, label or f"#{shapes_key}{i}"))
 
     if kind == "bboxes":
         add_boxes("bboxes", "labels", "scores")
@@ -385,20 +392,10 @@ def _draw_label(
     draw.text((x + pad - left, y + pad - top), text, font=font, fill=_text_colour(colour))
 
 
-def _anchor(instance: _Instance) -> Point:
-    if instance.box is not None:
-        return instance.box[0], instance.box[1]
-    xs = [x for part in instance.parts for x, _ in part]
-    ys = [y for part in instance.parts for _, y in part]
-    return min(xs), min(ys)
-
-
-def _visible(instance: _Instance, size: tuple[int, int]) -> bool:
-    if instance.box is not None:
-        return True  # boxes were clipped already
-    xs = [x for part in instance.parts for x, _ in part]
-    ys = [y for part in instance.parts for _, y in part]
-    return max(xs) >= 0 and max(ys) >= 0 and min(xs) <= size[0] - 1 and min(ys) <= size[1] - 1
+def _visible(instance: ExportInstance, size: tuple[int, int]) -> bool:
+    """Whether any of the instance lies on the image (boxes were clipped to it already)."""
+    x1, y1, x2, y2 = instance.box
+    return x2 >= 0 and y2 >= 0 and x1 <= size[0] - 1 and y1 <= size[1] - 1
 
 
 def draw_answer(
@@ -433,30 +430,34 @@ def draw_answer(
     line = _positive("line_width", line_width, max(2, round(min(size) / 160)))
     font = _font(_positive("font_size", font_size, min(max(round(min(size) / 30), 12), 36)))
     pick = _ColourPicker(colors)
-    instances = _instances(kind, answer, size, fill_polygons)
-    colours = [pick(inst.key) for inst in instances]
+    drawn = _instances(kind, answer, size)
+    instances = [instance for instance, _ in drawn]
+    colours = [pick(key) for _, key in drawn]
+    filled = [fill_polygons and instance.kind == "polygons" for instance in instances]
 
     # Fills go on a separate transparent layer so they blend with the photo instead of hiding it.
-    if any(inst.fill for inst in instances):
+    if any(filled):
         overlay = Image.new("RGBA", size, (0, 0, 0, 0))
         overlay_draw = ImageDraw.Draw(overlay)
-        for inst, colour in zip(instances, colours):
-            for part in inst.parts if inst.fill else ():
-                if len(part) >= 3:
-                    overlay_draw.polygon(part, fill=(*colour, FILL_ALPHA))
+        for inst, colour, fill in zip(instances, colours, filled):
+            for outline in inst.polygons if fill else ():
+                if len(outline) >= 6:
+                    overlay_draw.polygon(_points(outline), fill=(*colour, FILL_ALPHA))
         canvas = Image.alpha_composite(canvas.convert("RGBA"), overlay).convert("RGB")
 
     draw = ImageDraw.Draw(canvas)
     for inst, colour in zip(instances, colours):
-        if inst.box is not None:
+        if not inst.polygons:
             draw.rectangle(inst.box, outline=colour, width=line)
-        for part in inst.parts:
+        for outline in inst.polygons:
+            part = _points(outline)
             closed = part + [part[0]] if len(part) >= 3 else part
             draw.line(closed, fill=colour, width=line, joint="curve")
     # Labels last, so no outline crosses a label.
     for inst, colour in zip(instances, colours):
-        if inst.label and _visible(inst, size):
-            _draw_label(draw, size, inst.label, _anchor(inst), colour, font)
+        shown = _with_score(inst.label, inst.score)
+        if shown and _visible(inst, size):
+            _draw_label(draw, size, shown, (inst.box[0], inst.box[1]), colour, font)
     return canvas
 
 

@@ -52,9 +52,9 @@ from PIL import Image
 
 from helpers.tasks.run import (
     SCORED_TASKS,
+    answer_rows,
     TASKS,
     batch_prompts,
-    cut_after_eos,
     eos_ids,
     prepare_inputs,
     check_generate_kwargs,
@@ -390,9 +390,7 @@ def run_tasks_batch_with_scores(
     output = _generate_with_scores(model, inputs, kwargs)
     log_probs = token_log_probs(output)
     ends = eos_ids(model, processor)
-    rows = [cut_after_eos(row, ends) for row in output.sequences.tolist()]
-    if len(rows) != len(pictures):
-        raise ValueError(f"generate returned {len(rows)} sequences for {len(pictures)} images.")
+    rows = answer_rows(output.sequences.tolist(), ends, len(pictures), "run_tasks_batch_with_scores")
     answers = []
     for row, picture, row_log_probs in zip(rows, pictures, log_probs.tolist()):
         text = processor.batch_decode([row], skip_special_tokens=False)[0]

@@ -23,7 +23,7 @@ import re
 from numbers import Real
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -45,6 +45,7 @@ __all__ = [
     "CascadedTaskSpec",
     "SupportsGenerate",
     "TaskSpec",
+    "answer_rows",
     "box_to_loc",
     "build_prompt",
     "check_generate_kwargs",
@@ -670,6 +671,19 @@ def cut_after_eos(row: list[int], eos_ids: set[int]) -> list[int]:
     return row
 
 
+def answer_rows(sequences: Iterable[list[int]], ends: set[int], images: int, caller: str) -> list[list[int]]:
+    """One generated row per image, the padding after its end-of-answer token cut off (:func:`cut_after_eos`);
+    ``ValueError`` when ``generate`` returned another number of sequences than there are images (what
+    ``num_return_sequences`` does), naming ``caller``."""
+    rows = [cut_after_eos(row, ends) for row in sequences]
+    if len(rows) != images:
+        raise ValueError(
+            f"generate returned {len(rows)} sequences for {images} images; do not pass num_return_sequences to "
+            f"{caller}."
+        )
+    return rows
+
+
 def run_task(
     model: SupportsGenerate,
     processor: Any,
@@ -741,10 +755,7 @@ def run_tasks_batch(
         model, processor(text=prompts, images=pictures, return_tensors=_tensor_type(model), padding=True)
     )
     ends = eos_ids(model, processor)
-    rows = [cut_after_eos(row, ends) for row in _sequences(model.generate(**inputs, **kwargs))]
-    if len(rows) != len(pictures):
-        raise ValueError(f"generate returned {len(rows)} sequences for {len(pictures)} images; do not pass "
-                         "num_return_sequences to run_tasks_batch.")  # fmt: skip
+    rows = answer_rows(_sequences(model.generate(**inputs, **kwargs)), ends, len(pictures), "run_tasks_batch")
     texts_out = processor.batch_decode(rows, skip_special_tokens=False)
     return [_post_process(processor, text, token, pic.size) for text, pic in zip(texts_out, pictures)]
 

@@ -25,7 +25,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -34,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from helpers.process_memory import peak_rss_bytes, rss_bytes
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -71,21 +72,11 @@ def timed(fn, repeats: int) -> tuple[float, Any]:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory. Linux's ``VmHWM``, not ``ru_maxrss``: a child started by fork + exec
-    inherits its parent's ``ru_maxrss``, so a worker spawned by a large parent would report the parent's peak."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no /proc: may include the parent's peak
+    return peak_rss_bytes() / 2**20
 
 
 def current_rss_mb() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return rss_bytes() / 2**20
 
 
 def folder_mb(folder: Path, suffixes=(".bin", ".xml", ".safetensors")) -> float:
@@ -231,24 +222,30 @@ def measure_backend(backend: str, source: str, ov_dir: str | None, args: dict) -
             return model.generate(**task_inputs, num_beams=num_beams, **gen)
 
         generate(1)  # warm-up (first inference allocates)
-        for beams, key in ((1, "greedy"), (3, "beam3")):
-            times, steps, after_first = [], [], []
-            for _ in range(repeats):
+        generate(3)
+        searches = {"greedy": 1, "beam3": 3}
+        times, steps, after_first, tokens = ({key: [] for key in searches} for _ in range(4))
+        # Rounds interleaved (greedy, beam 3, greedy, …): a slow spell of the machine hits both searches alike, and
+        # neither is always the first one timed after loading (greedy used to be, and came out slower than beam 3).
+        for _ in range(repeats):
+            for key, beams in searches.items():
                 start = time.perf_counter()
-                tokens = generate(beams)
+                tokens[key] = generate(beams)
                 end = time.perf_counter()
-                times.append(end - start)
-                steps.append(list(timer.steps))
-                after_first.append((end - timer.ends[0]) / max(1, n - 1))
-            result[f"generate_{key}_s"] = median(times)
-            decode = [median(s[1:]) for s in steps if len(s) > 1]
+                times[key].append(end - start)
+                steps[key].append(list(timer.steps))
+                after_first[key].append((end - timer.ends[0]) / max(1, n - 1))
+        for key in searches:
+            result[f"generate_{key}_s"] = median(times[key])
+            result[f"generate_{key}_all_s"] = times[key]
+            decode = [median(s[1:]) for s in steps[key] if len(s) > 1]
             result[f"decode_step_{key}_ms"] = 1000 * median(decode)
-            result[f"first_step_{key}_ms"] = 1000 * median([s[0] for s in steps])
-            result[f"steps_{key}"] = len(steps[-1])
+            result[f"first_step_{key}_ms"] = 1000 * median([s[0] for s in steps[key]])
+            result[f"steps_{key}"] = len(steps[key][-1])
             # from the first token to the end of the same run, per new token (so never negative): decoder calls
             # plus generate's Python work, without vision and encoder (which run before the first token)
-            result[f"ms_per_token_{key}"] = 1000 * median(after_first)
-            result[f"tokens_{key}"] = tokens[0].tolist()
+            result[f"ms_per_token_{key}"] = 1000 * median(after_first[key])
+            result[f"tokens_{key}"] = tokens[key][0].tolist()
         setattr(model, step_method, original_step)
         if args.get("parts_only"):  # a thread-scaling run: parts, greedy and beam 3 only
             result["peak_rss_mb"] = result["peak_rss_one_image_mb"] = peak_rss_mb()
@@ -434,12 +431,11 @@ def run_worker(
 
 def torch_free_python(verbose: bool) -> str:
     """The torch-free environment's interpreter (built on first use), or this one if it cannot be built."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    from torch_free_venv import build_torch_free_venv, venv_python
-
+    builder = Path(__file__).resolve().parent.parent / "scripts" / "torch_free_venv.py"
     try:
-        return str(venv_python(build_torch_free_venv()))
-    except (OSError, subprocess.CalledProcessError) as error:  # e.g. pip has no network and no cached wheels
+        built = subprocess.run([sys.executable, str(builder)], check=True, capture_output=True, text=True)
+        return built.stdout.strip().splitlines()[-1]  # the script prints the interpreter last
+    except (OSError, subprocess.CalledProcessError, IndexError) as error:  # e.g. pip: no network, no cached wheels
         if verbose:
             print(f"  (no torch-free environment: {error}; deployed memory is measured with torch importable)")
         return sys.executable
@@ -845,6 +841,7 @@ def run_benchmark(
     if verbose:
         print(f"Preparing {model} ({', '.join(formats)}) …", flush=True)
     name = Path(output) if output else RESULTS_DIR / f"{'quick' if quick else 'full'}-{Path(str(model)).name}.json"
+    name.parent.mkdir(parents=True, exist_ok=True)  # before any measuring: the partial report is written beside it
     record = name.with_name(f"conversion-{Path(str(model)).name}.json")
     source, folders, convert_seconds = prepare(model, formats, verbose, None if in_process else record)
     args = {
@@ -892,7 +889,6 @@ def run_benchmark(
     if not quick and not parts_only:
         report["targets"] = {name: bool(check(report["ratios"])) for name, (needs, check) in TARGETS.items()
                              if all(b in results for b in needs)}  # fmt: skip
-    name.parent.mkdir(parents=True, exist_ok=True)
     name.write_text(json.dumps(report, indent=1))
     report["json_path"] = str(name)
     report["chart_path"] = str(plot(report, name.with_suffix(".png")))

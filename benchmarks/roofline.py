@@ -1,6 +1,7 @@
 """How far from this CPU's limit each part of Florence-2 runs: work counted from the IR graph, rates measured here.
 
     python benchmarks/roofline.py --model-dir models/<slug>/fp16 [--threads 2]   # graph work + microbenchmarks
+    python benchmarks/roofline.py --model-dir models/<slug>/w8a8 --profile --no-microbenchmarks  # time per kernel
 
 Two halves, used by ``benchmarks/benchmark.py`` (the ``roofline`` section of its report) and shown in
 ``notebooks/11_speed.ipynb``:
@@ -328,6 +329,49 @@ def format_roofline(rows_by_backend: dict[str, list[dict]], rates: dict) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Where the vision encoder's time goes
+
+
+def vision_profile(model_dir: str | Path, threads: int, *, image_size: tuple[int, int] = (768, 768),
+                   repeats: int = 5, top: int = 12) -> dict[str, Any]:  # fmt: skip
+    """The vision encoder of a converted folder run with OpenVINO's per-node counters (``PERF_COUNT``): the time of
+    each (operation, kernel) pair, summed over the graph, median over ``repeats`` runs — e.g. whether a w8a8 graph's
+    matrix products really run INT8 kernels, and what the rest (softmax, layer norm, reorders) costs beside them."""
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(Path(model_dir) / "vision_encoder.xml")
+    height, width = image_size
+    model.reshape({"pixel_values": [1, 3, height, width]})
+    compiled = core.compile_model(model, "CPU", {"PERF_COUNT": True, "INFERENCE_NUM_THREADS": threads})
+    request = compiled.create_infer_request()
+    pixels = np.random.default_rng(0).standard_normal((1, 3, height, width)).astype(np.float32)
+    runs: list[dict[tuple[str, str], float]] = []
+    for run in range(repeats + 1):
+        started = time.perf_counter()
+        request.infer({0: pixels})
+        wall = time.perf_counter() - started
+        if run == 0:
+            continue  # the first run allocates and primes caches
+        summed: dict[tuple[str, str], float] = {("(wall)", ""): wall * 1e3}
+        for node in request.profiling_info:
+            key = (node.node_type, node.exec_type)
+            summed[key] = summed.get(key, 0.0) + node.real_time.total_seconds() * 1e3
+        runs.append(summed)
+    medians = {key: statistics.median(r.get(key, 0.0) for r in runs) for key in runs[0]}
+    wall_ms = medians.pop(("(wall)", ""))
+    counted = sum(medians.values())
+    ranked = sorted(medians.items(), key=lambda item: -item[1])
+    return {
+        "wall_ms": wall_ms,
+        "counted_ms": counted,
+        "top": [
+            {"operation": op, "kernel": kernel, "ms": ms, "share": ms / counted} for (op, kernel), ms in ranked[:top]
+        ],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, help="a converted folder: print its graph work")
@@ -336,8 +380,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-microbenchmarks", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="with --model-dir: the vision encoder's time per kernel")
     args = parser.parse_args(argv)
     report: dict[str, Any] = {}
+    if args.profile:
+        if not args.model_dir:
+            parser.error("--profile needs --model-dir (a converted folder)")
+        report["vision_profile"] = vision_profile(args.model_dir, args.threads, image_size=tuple(args.image_size))
     if args.model_dir:
         report["work"] = graph_work(
             args.model_dir, image_size=tuple(args.image_size), encoder_tokens=args.encoder_tokens

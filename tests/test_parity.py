@@ -107,6 +107,20 @@ def test_batch_of_two_sizes_matches_pytorch_and_single_runs(num_beams, tiny_proc
         assert (ov_batch[row][single.shape[0] :] == tiny_processor.tokenizer.pad_token_id).all()
 
 
+def test_the_vision_encoder_runs_one_static_image_per_call(tiny_processor, tiny_ov_model):
+    """Compiled with a static batch of one (the CPU plugin's specialised kernels: a w8a8 vision call 1.04 s static
+    against 1.71 s dynamic, base model), it still answers a batch: each image's features equal its own call's."""
+    compiled_shape = tiny_ov_model.ov_vision_encoder.inputs[0].get_partial_shape()
+    assert compiled_shape.is_static and compiled_shape[0].get_length() == 1
+    images = [noise_image(160, 120, 3), noise_image(90, 300, 4), noise_image(64, 64, 5)]
+    pixels = tiny_processor.image_processor(images, return_tensors="np")["pixel_values"]
+    tiny_ov_model.image_cache.clear()
+    together = tiny_ov_model.image_features(pixels)
+    tiny_ov_model.image_cache.clear()
+    alone = np.concatenate([tiny_ov_model.image_features(pixels[i : i + 1]) for i in range(3)])
+    assert together.shape[0] == 3 and np.array_equal(together, alone)
+
+
 def test_sampling_matches_pytorch_with_the_same_seed(tiny_processor, tiny_torch_model, tiny_ov_model):
     inputs = tiny_processor(text="<CAPTION>", images=noise_image(128, 128, 5), return_tensors="pt")
     kwargs = {"max_new_tokens": 20, "do_sample": True, "num_beams": 1, "top_k": 50}

@@ -88,3 +88,20 @@ def test_microbenchmarks_measure_an_int8_matmul(roofline):
     for precision in ("f32", "bf16", "int8"):
         assert rates["matmul"][precision]["gflops"] > 0
     assert rates["int8_weight_stream"]["gb_per_s"] > 0 and rates["copy_beyond_cache"]["gb_per_s"] > 0
+
+
+def test_the_vision_profile_names_the_kernels_that_took_the_time(roofline, tiny_model_dir, tmp_path):
+    """PERF_COUNT's per-node times, summed per (operation, kernel): the convolutions and matrix products are there,
+    with the kernel the CPU plugin chose, and the shares add up to at most the whole."""
+    from transformers import AutoProcessor
+
+    from helpers.convert.conversion import convert_florence2, image_size_of
+
+    folder = convert_florence2(tiny_model_dir, tmp_path / "fp32", "fp32", verbose=False)
+    image_size = image_size_of(AutoProcessor.from_pretrained(folder))
+    profile = roofline.vision_profile(folder, 1, image_size=image_size, repeats=2, top=50)
+    operations = {row["operation"] for row in profile["top"]}
+    assert {"Convolution", "MatMul"} & operations or "FullyConnected" in operations, operations
+    assert all(row["kernel"] and row["ms"] >= 0 for row in profile["top"])
+    assert 0 < sum(row["share"] for row in profile["top"]) <= 1 + 1e-9
+    assert profile["wall_ms"] > 0

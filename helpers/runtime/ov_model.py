@@ -282,13 +282,24 @@ class OVFlorence2Model:
 
     def _compile_all(self) -> None:
         # Compiling from a path lets OpenVINO use its compiled-model cache; only compiled models are kept in memory.
-        self.ov_vision_encoder = self._compile(self.model_dir / "vision_encoder.xml", "vision_encoder")
+        self.ov_vision_encoder = self._compile(self._one_image_vision_model(), "vision_encoder")
         self.ov_text_encoder = self._compile(self.model_dir / "encoder.xml", "encoder")
         self.ov_decoder = self._compile(self.model_dir / "decoder.xml", "decoder")
         decoder_model = self.core.read_model(self.model_dir / "decoder.xml")  # compiled above: readable
         self.ov_token_embeddings = self._compile(self._token_embedding_model(decoder_model), "token_embeddings")
         del decoder_model
         self.decoder_request = self.ov_decoder.create_infer_request()
+
+    def _one_image_vision_model(self) -> ov.Model:
+        """The vision encoder with its batch fixed at one image (the IR's batch is dynamic; height and width are
+        fixed already). Static shapes let the CPU plugin pick its specialised kernels: measured on the base model,
+        one thread, a w8a8 vision call took 1.04 s static against 1.71 s dynamic (INT8 weights: 1.66 against 1.70 s),
+        and a batch of images runs one image per call anyway (:meth:`image_features`)."""
+        model = self.core.read_model(self.model_dir / "vision_encoder.xml")
+        pixels = model.inputs[0]
+        shape = pixels.get_partial_shape()
+        model.reshape({pixels.get_any_name(): ov.PartialShape([1, *shape[1:]])})
+        return model
 
     def _token_embedding_model(self, decoder_model: ov.Model) -> ov.Model:
         """The token-embedding table is stored once, in the decoder (tied to its output projection). Build the
@@ -324,14 +335,14 @@ class OVFlorence2Model:
     # ---- the parts, one call each ----------------------------------------------------------------------------
 
     def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
-        """Run the vision encoder + projector on the images not in the feature cache (in one call), cache them."""
+        """Run the vision encoder + projector on the images not in the feature cache (one call each), cache them."""
         pixel_values = np.asarray(pixel_values, dtype=np.float32)
         keys = [ImageFeatureCache.key(image) for image in pixel_values]
         rows = [self.image_cache.get(key) for key in keys]
         missing = [i for i, row in enumerate(rows) if row is None]
         if missing:
-            computed = self.ov_vision_encoder(np.ascontiguousarray(pixel_values[missing]))[0]
-            for i, features in zip(missing, computed):
+            for i in missing:  # one image per call: the compiled vision encoder has a static batch of one
+                features = self.ov_vision_encoder(np.ascontiguousarray(pixel_values[i : i + 1]))[0][0]
                 rows[i] = features.copy()  # the output buffer belongs to OpenVINO (and is released below)
                 self.image_cache.put(keys[i], rows[i])
             self._release_vision_memory()

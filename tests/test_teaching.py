@@ -296,3 +296,26 @@ def test_teaching_name_and_offline_fallback(tmp_path, monkeypatch, capsys):
     assert models.resolve_model(models.DEFAULT_MODEL) == str(TEACHING_MODEL_DIR)
     printed = capsys.readouterr().out
     assert "hub is unreachable" in printed and "TEACHING model" in printed
+
+
+def test_the_word_heads_read_where_the_word_is_written():
+    """The tokens of the cells the word's box covers decide what the word heads see; a scene without a word gives the
+    pooled token. (v3's heads read only the pooled token, and v3 never learned to read.)"""
+    import torch
+
+    from helpers.course.teaching.train import TEXT_CLASS, dense_targets, word_features
+
+    scenes = [training_scene(5, i) for i in range(40)]
+    worded = next(i for i, s in enumerate(scenes) if s.text is not None)
+    plain = next(i for i, s in enumerate(scenes) if s.text is None)
+    dense, _ = dense_targets([scenes[worded], scenes[plain]], 6)
+    tokens = torch.randn(2, 1 + 36, 8)
+    text_cells = (dense[0] == TEXT_CLASS).any(-1)
+    assert text_cells.any() and not text_cells.all()
+    features = word_features(tokens, dense)
+    assert torch.allclose(features[0], tokens[0, 1:][text_cells].mean(0))
+    assert torch.equal(features[1], tokens[1, 0])
+    moved = tokens.clone()
+    moved[0, 0] += 5.0  # the pooled token
+    moved[0, 1:][~text_cells] += 5.0  # and every cell away from the word
+    assert torch.allclose(word_features(moved, dense)[0], features[0])

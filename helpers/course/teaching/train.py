@@ -123,8 +123,12 @@ class TrainConfig:
     # Task tokens whose examples are always drawn, on top of ``tasks_per_scene`` others: a later round spends its
     # steps on the tasks the quality table says are furthest from their aim.
     focus_tasks: tuple[str, ...] = ()
+    # What the auxiliary word heads read (:class:`AuxiliaryHeads`): "pooled" (the shipped model's rounds) or "cells".
+    word_read: str = "pooled"
 
 
+#: The auxiliary word heads' inputs: the pooled image token, or the grid tokens the word covers.
+WORD_READS = ("pooled", "cells")
 #: Each final image token predicts a SUBCELLS × SUBCELLS patch of the scene's label map during pre-training.
 SUBCELLS = 4
 #: Scene indices of the pre-training stage start here, so the two stages never draw the same scene.
@@ -135,6 +139,8 @@ PRETRAIN_SCENE_OFFSET = 50_000_000
 #: targets were learned several times faster than the 17 joint classes.
 _COLOUR_OF = torch.tensor([0] + [1 + list(COLOURS).index(c.split()[0]) for c in CATEGORIES] + [len(COLOURS) + 1])
 _SHAPE_OF = torch.tensor([0] + [1 + SHAPE_KINDS.index(c.split()[1]) for c in CATEGORIES] + [len(SHAPE_KINDS) + 1])
+#: The label map's class id of a word's box (the last of ``LABEL_CLASSES``).
+TEXT_CLASS = len(_COLOUR_OF) - 1
 #: Largest image grid the position heads handle (a 192-pixel input has 6 × 6 tokens).
 MAX_GRID = 16
 #: Background covers most of the label map; its weight in the loss keeps the heads from answering "background".
@@ -146,8 +152,10 @@ class AuxiliaryHeads(torch.nn.Module):
 
     ``*_dense`` reads each of the 36 spatial image tokens and predicts, for the 4×4 patch of the label map it covers
     (8×8 pixels each at 192 px), the colour (background, five colours, text) and the shape (background, three
-    shapes, text): that teaches what is where to within 8 pixels. ``*_word`` reads the pooled image token and
-    predicts which word, if any, the scene shows. ``*_where`` predicts each grid token's row and column: the BART
+    shapes, text): that teaches what is where to within 8 pixels. ``*_word`` predicts which word, if any, the scene
+    shows: from the pooled image token (``word_read="pooled"``, every round of the shipped model), or from the mean
+    of the grid tokens the word's box covers (``"cells"``, :func:`word_features`) — in the pooled token a 15-pixel
+    word is a small share, and the shipped model never learned to read. ``*_where`` predicts each grid token's row and column: the BART
     encoder otherwise loses where a token is (measured: a linear probe found a token's row in the encoder's output
     only 44–57% of the time, against 98% before the encoder), and without it the decoder cannot write
     coordinates — ``<OD>`` learned x but not y. ``vision_*`` read the vision tower's output (through the
@@ -155,8 +163,11 @@ class AuxiliaryHeads(torch.nn.Module):
     information available to the decoder instead of washing it out.
     """
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, word_read: str = "pooled") -> None:
         super().__init__()
+        if word_read not in WORD_READS:
+            raise ValueError(f"word_read must be one of {', '.join(WORD_READS)}, got {word_read!r}")
+        self.word_read = word_read
         dense_out = SUBCELLS * SUBCELLS * (len(COLOURS) + 2 + len(SHAPE_KINDS) + 2)
         self.vision_dense = torch.nn.Linear(width, dense_out)
         self.vision_word = torch.nn.Linear(width, len(WORDS) + 1)
@@ -165,8 +176,7 @@ class AuxiliaryHeads(torch.nn.Module):
         self.vision_where = torch.nn.Linear(width, 2 * MAX_GRID)
         self.encoder_where = torch.nn.Linear(width, 2 * MAX_GRID)
 
-    @staticmethod
-    def _loss(dense_head, word_head, where_head, tokens, dense, words) -> tuple[torch.Tensor, float]:
+    def _loss(self, dense_head, word_head, where_head, tokens, dense, words) -> tuple[torch.Tensor, float, float]:
         # Florence-2's projector puts the pooled (mean) token first, then the grid tokens in raster order.
         cells, subcells = dense.shape[1], SUBCELLS * SUBCELLS
         grid = math.isqrt(cells)
@@ -183,7 +193,8 @@ class AuxiliaryHeads(torch.nn.Module):
         loss = loss + torch.nn.functional.cross_entropy(
             logits[..., n_colours:].flatten(0, 2), shape.flatten(), weight=weight_s
         )
-        loss = loss + torch.nn.functional.cross_entropy(word_head(tokens[:, 0]), words)
+        word_logits = word_head(word_features(tokens, dense) if self.word_read == "cells" else tokens[:, 0])
+        loss = loss + torch.nn.functional.cross_entropy(word_logits, words)
         # Where is each token? Its row and column, so the absolute position survives to the decoder.
         where = where_head(tokens[:, 1 : 1 + cells]).view(len(tokens), grid, grid, 2, MAX_GRID)[..., :grid]
         rows = torch.arange(grid).view(1, grid, 1).expand(len(tokens), grid, grid)
@@ -193,13 +204,24 @@ class AuxiliaryHeads(torch.nn.Module):
         objects = dense > 0
         right = (logits[..., :n_colours].argmax(-1) == colour) & (logits[..., n_colours:].argmax(-1) == shape)
         accuracy = right[objects].float().mean().item() if objects.any() else 0.0
-        return loss, accuracy
+        return loss, accuracy, (word_logits.argmax(-1) == words).float().mean().item()
 
     def vision_loss(self, tokens, dense, words):
         return self._loss(self.vision_dense, self.vision_word, self.vision_where, tokens, dense, words)
 
     def encoder_loss(self, tokens, dense, words):
         return self._loss(self.encoder_dense, self.encoder_word, self.encoder_where, tokens, dense, words)
+
+
+def word_features(tokens: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """What the word heads read, per scene: the mean of the grid tokens whose label-map patch holds part of the
+    word's box, or the pooled image token (first) for a scene without a word. ``tokens`` is
+    ``(scenes, 1 + cells, width)``, ``dense`` the :func:`dense_targets` patches ``(scenes, cells, SUBCELLS²)``."""
+    cells = dense.shape[1]
+    text_cells = (dense == TEXT_CLASS).any(-1, keepdim=True).to(tokens.dtype)  # (scenes, cells, 1)
+    written = text_cells.sum(1)  # how many cells the word covers; 0 without a word
+    word_read = (tokens[:, 1 : 1 + cells] * text_cells).sum(1) / written.clamp(min=1)
+    return torch.where(written > 0, word_read, tokens[:, 0])
 
 
 def build_model(
@@ -391,9 +413,9 @@ def training_loss(model, batch: dict[str, torch.Tensor], *, heads: AuxiliaryHead
     """Cross-entropy of the targets under teacher forcing, running the vision tower once per image.
     ``loc_sigma > 0`` uses :func:`location_soft_loss` (needs ``first_loc_id``, the id of ``<loc_0>``).
 
-    With ``heads``, returns ``(loss, aux_loss, aux_accuracy)``: the auxiliary losses of the vision tower and of the
-    encoder at the image positions too, and the share of object pixels the encoder's head gets right (see
-    :class:`AuxiliaryHeads`).
+    With ``heads``, returns ``(loss, aux_loss, aux_accuracy, word_accuracy)``: the auxiliary losses of the vision
+    tower and of the encoder at the image positions too, the share of object pixels the encoder's head gets right
+    and the share of scenes whose word (or "no word") it names (see :class:`AuxiliaryHeads`).
     """
     features = model.get_image_features(batch["pixel_values"]).pooler_output  # (images, image tokens, width)
     input_ids = batch["input_ids"]
@@ -409,9 +431,9 @@ def training_loss(model, batch: dict[str, torch.Tensor], *, heads: AuxiliaryHead
     image_tokens = features.shape[1]  # the processor puts the image placeholders first in every row
     encoded = output.encoder_last_hidden_state[:, :image_tokens]
     index = batch["image_index"]
-    aux, accuracy = heads.encoder_loss(encoded, batch["dense"][index], batch["words"][index])
-    vision_aux, _ = heads.vision_loss(features, batch["dense"], batch["words"])
-    return lm_loss, aux + vision_aux, accuracy
+    aux, accuracy, word_accuracy = heads.encoder_loss(encoded, batch["dense"][index], batch["words"][index])
+    vision_aux, _, _ = heads.vision_loss(features, batch["dense"], batch["words"])
+    return lm_loss, aux + vision_aux, accuracy, word_accuracy
 
 
 def image_use(model, batch: dict[str, torch.Tensor]) -> float:
@@ -472,7 +494,7 @@ def train(
     """
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    heads = AuxiliaryHeads(model.config.text_config.d_model)
+    heads = AuxiliaryHeads(model.config.text_config.d_model, config.word_read)
     groups: dict[tuple[str, bool], list] = {}
     for name, parameter in [*model.named_parameters(), *(("heads." + n, p) for n, p in heads.named_parameters())]:
         part = "heads" if name.startswith("heads.") else _part(name)
@@ -517,8 +539,9 @@ def train(
             rate = config.pretrain_learning_rate * min(1.0, (step + 1) / 20)
             for group in optimizer.param_groups:
                 group["lr"] = rate if group["part"] in ("vision", "heads") else 0.0
-            loss, accuracy = heads.vision_loss(model.get_image_features(pixel_values).pooler_output, dense, words)
-            values = {"vision loss": loss.item(), "object pixels right": accuracy}
+            features = model.get_image_features(pixel_values).pooler_output
+            loss, accuracy, word_accuracy = heads.vision_loss(features, dense, words)
+            values = {"vision loss": loss.item(), "object pixels right": accuracy, "words right": word_accuracy}
         else:
             s = step - config.pretrain_steps
             scenes = [
@@ -532,10 +555,11 @@ def train(
                      for batch in batches]  # fmt: skip
             lm_loss = sum(part[0] for part in parts) / len(parts)
             aux = sum(part[1] for part in parts) / len(parts)
-            accuracy = parts[0][2]
+            accuracy, word_accuracy = parts[0][2], parts[0][3]
             loss = lm_loss + config.aux_weight * aux
             losses.append(lm_loss.item())
-            values = {"loss": lm_loss.item(), "aux loss": aux.item(), "object pixels right": accuracy}
+            values = {"loss": lm_loss.item(), "aux loss": aux.item(), "object pixels right": accuracy,
+                      "words right": word_accuracy}  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, config.clip_norm)
@@ -662,7 +686,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=TrainConfig.threads)
     parser.add_argument("--pretrain-steps", type=int, default=TrainConfig.pretrain_steps,
                         help="stage 1: vision tower pre-training steps (0 skips it)")  # fmt: skip
+    parser.add_argument("--pretrain-learning-rate", type=float, default=TrainConfig.pretrain_learning_rate,
+                        help="stage 1's peak learning rate (lower it when continuing from trained weights)")  # fmt: skip
     parser.add_argument("--aux-weight", type=float, default=TrainConfig.aux_weight)
+    parser.add_argument("--word-read", choices=WORD_READS, default=TrainConfig.word_read,
+                        help="what the auxiliary word heads read: the pooled image token (the shipped rounds) or "
+                        "the grid tokens the word covers")  # fmt: skip
     parser.add_argument("--loc-sigma", type=float, default=TrainConfig.loc_sigma,
                         help="soft targets for <loc_N> tokens: a Gaussian of this width in bins (0: plain)")  # fmt: skip
     parser.add_argument("--init-from", type=Path, default=None,
@@ -683,6 +712,7 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps, seed=args.seed, scenes_per_step=args.scenes_per_step,
         learning_rate=args.learning_rate, warmup_steps=min(TrainConfig.warmup_steps, max(1, args.steps // 10)),
         threads=args.threads, pretrain_steps=args.pretrain_steps, aux_weight=args.aux_weight,
+        pretrain_learning_rate=args.pretrain_learning_rate, word_read=args.word_read,
         init_from=str(args.init_from) if args.init_from else None, loc_sigma=args.loc_sigma,
         tasks_per_scene=args.tasks_per_scene, focus_tasks=tuple(args.focus),
     )  # fmt: skip

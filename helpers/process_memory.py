@@ -4,8 +4,9 @@ The peak is the kernel's ``VmHWM``, not ``resource.getrusage().ru_maxrss``: a ch
 parent's ``ru_maxrss``, so a worker spawned by a large parent would report the parent's peak. Where ``/proc`` is
 missing (macOS) the peak falls back to ``ru_maxrss``; with neither (Windows) the functions raise ``OSError``.
 
-The labelling command writes the peak into ``summary.json`` (``notebooks/13_label_a_dataset.ipynb``: how much memory
-one worker needs); ``benchmarks/benchmark.py`` and ``scripts/soak.py`` measure with it.
+The one-process labelling command writes the peak into ``summary.json`` (``peak_rss_mb``: how much memory one
+worker needs; the command is taught in ``notebooks/13_label_dataset.ipynb``); ``benchmarks/benchmark.py`` and
+``scripts/soak.py`` measure with it.
 """
 
 from __future__ import annotations

@@ -281,7 +281,8 @@ class OVFlorence2Model:
         return {**defaults, **self.ov_config, **self.part_config.get(part, {})}
 
     def _compile_all(self) -> None:
-        # Compiling from a path lets OpenVINO use its compiled-model cache; only compiled models are kept in memory.
+        # Compiling from a path lets OpenVINO use its compiled-model cache without reading the model first (the vision
+        # encoder is read and reshaped, so its cache key is the reshaped graph); only compiled models stay in memory.
         self.ov_vision_encoder = self._compile(self._one_image_vision_model(), "vision_encoder")
         self.ov_text_encoder = self._compile(self.model_dir / "encoder.xml", "encoder")
         self.ov_decoder = self._compile(self.model_dir / "decoder.xml", "decoder")

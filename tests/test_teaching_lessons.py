@@ -11,6 +11,7 @@ import pytest
 from helpers.course.samples import lesson_image, teaching_scene, teaching_scene_answer
 from helpers.course.teaching import teaching_model_available
 from helpers.course.teaching.quality import iou, strip_locations
+from helpers.course.teaching.scenes import caption
 
 pytestmark = pytest.mark.skipif(not teaching_model_available(), reason="the teaching model is not installed")
 
@@ -67,7 +68,7 @@ def test_grounding_lesson_boxes_its_phrases(teaching) -> None:
     from helpers.tasks.run import run_task
 
     model, processor, kind = teaching
-    sentence = "a purple triangle, a blue square and a red circle"  # the notebook's SENTENCE for this model
+    sentence = caption(teaching_scene())  # the notebook's SENTENCE for this model
     answer = run_task(model, processor, lesson_image("grace_hopper", kind), "<CAPTION_TO_PHRASE_GROUNDING>", sentence)
     grounded = answer["<CAPTION_TO_PHRASE_GROUNDING>"]
     truth = teaching_scene_answer()
